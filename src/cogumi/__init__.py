@@ -1,0 +1,3 @@
+"""cogumi: LoRA fine-tuning that proves the result is good before anyone ships it."""
+
+__version__ = "0.1.0"
