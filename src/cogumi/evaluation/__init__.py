@@ -1,0 +1,1 @@
+"""Validation against a reference model: tasks, sandbox, generation, judges, statistics, gates."""
