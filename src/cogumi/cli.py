@@ -55,7 +55,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_score(a) -> int:
-    from cogumi.evaluation.commands import score_command
+    from cogumi.evaluation.scoring import score_command
     return score_command(task=a.task, data=a.data, predictions=a.predictions, reference=a.reference,
                          out=a.out, workers=a.workers, timeout=a.timeout)
 
