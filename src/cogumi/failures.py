@@ -1,0 +1,378 @@
+"""Phase 1B training set from the items a model lost (``cogumi failures``).
+
+Features:
+  * reads one or more eval results (``results.jsonl`` files or eval run dirs, docs/design.md contract);
+  * keeps the items the model LOST to the reference (never ties, per the plan); ``include_both_wrong``
+    adds ties where both sides were wrong;
+  * target = the reference's answer where the reference was right (the GPT-4 answer), else the dataset's
+    gold solution in the shape the model is asked for (GSM8K worked solution ending ``#### N``, a fenced
+    Python program for MBPP/HumanEval);
+  * rows ``{instruction, output, source, task_id, failure_type}``, deduplicated (same task+id, or the same
+    normalised instruction);
+  * infrastructure failures (``infra_error`` on either side: sandbox error, timeout, API failure) are never
+    a model failure: excluded and counted;
+  * decontamination against the gate items (``exclude``: eval results or benchmark files): an item is
+    removed when it has the same task and id as a gate item, or when its instruction shares >= ``overlap``
+    of its word n-grams (``ngram`` words) with one gate item's text; every removal is reported.
+
+Failure modes: a missing/malformed results file -> DataError naming file and line; an exclude file in
+an unknown format -> DataError saying which formats are accepted; no rows at all -> DataError.
+The output file is written atomically (temp + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogumi.errors import DataError
+from cogumi.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+
+# Tasks whose ids are global across splits (MBPP numbers all 974 problems; HumanEval has one split).
+# GSM8K ids are 0-based row indices of one data file, so "12" in train and "12" in test are different
+# problems: for GSM8K an id only matches within the same data file (text overlap still applies).
+GLOBAL_ID_TASKS = {"humaneval", "mbpp"}
+_WORD = re.compile(r"\w+")
+
+
+@dataclass(frozen=True)
+class GateItem:
+    task: str
+    task_id: str
+    text: str
+    source: str           # file it came from
+    data: str | None      # identity of the benchmark data file (for per-file ids), if known
+
+
+# ---------------------------------------------------------------------------------------------
+# reading results and exclusion sets
+# ---------------------------------------------------------------------------------------------
+
+def results_path(path: str | Path) -> Path:
+    """``results.jsonl`` itself, or an eval run dir containing it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.jsonl"
+    if not p.exists():
+        raise DataError(f"{path}: no results here (expected an eval run dir with results.jsonl, or the file itself)")
+    return p
+
+
+def _data_identities(results_file: Path) -> dict[str, str]:
+    """task -> identity of the data file an eval run used (from its summary.json), when recorded."""
+    summary = results_file.parent / "summary.json"
+    if not summary.exists():
+        return {}
+    try:
+        s = json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    out = {}
+    for task, t in (s.get("tasks") or {}).items():
+        if isinstance(t, dict):
+            ident = t.get("data_sha256") or t.get("data")
+            if ident:
+                out[task] = str(ident)
+    return out
+
+
+def _check_result_row(row: dict, path: Path, lineno: int) -> None:
+    for key in ("task", "task_id", "prompt"):
+        if key not in row:
+            raise DataError(f"{path}:{lineno}: results row has no '{key}'; is this a cogumi eval results.jsonl?")
+    if "outcome" not in row:
+        raise DataError(f"{path}:{lineno}: results row has no 'outcome'; the eval must be run with a --reference "
+                        "so that wins/ties/losses exist")
+
+
+def read_results(path: str | Path) -> tuple[Path, list[dict]]:
+    p = results_path(path)
+    rows = read_jsonl(p)
+    for i, row in enumerate(rows, start=1):
+        _check_result_row(row, p, i)
+    return p, rows
+
+
+def _benchmark_items(path: Path, rows: list[dict]) -> list[GateItem]:
+    """Gate items from a benchmark file in its own format (GSM8K / HumanEval / MBPP full or sanitized)."""
+    items = []
+    ident = str(path.resolve())
+    for i, r in enumerate(rows):
+        if "question" in r and "answer" in r:
+            items.append(GateItem("gsm8k", str(i), r["question"], str(path), ident))
+        elif "canonical_solution" in r and "prompt" in r:
+            items.append(GateItem("humaneval", str(r["task_id"]), r["prompt"], str(path), ident))
+        elif "test_list" in r and ("text" in r or "prompt" in r):
+            items.append(GateItem("mbpp", str(r["task_id"]), r.get("text") or r.get("prompt"), str(path), ident))
+        else:
+            raise DataError(f"{path}: row {i + 1} is neither an eval results row nor a GSM8K/HumanEval/MBPP item "
+                            f"(keys: {', '.join(sorted(r))}); --exclude takes eval run dirs, results.jsonl files "
+                            "or benchmark files in their own format")
+    return items
+
+
+def load_gate_items(path: str | Path) -> list[GateItem]:
+    """Items that must not leak into training: from an eval run dir / results.jsonl or a benchmark file."""
+    p = Path(path)
+    if p.is_dir() or p.name == "results.jsonl":
+        rp, rows = read_results(p)
+        idents = _data_identities(rp)
+        return [GateItem(str(r["task"]), str(r["task_id"]), str(r["prompt"]), str(rp), idents.get(str(r["task"])))
+                for r in rows]
+    if not p.exists():
+        raise DataError(f"{path}: exclusion file not found")
+    if p.suffix == ".json":
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{p}: not valid JSON ({e})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{p}: expected a JSON list of objects (e.g. sanitized-mbpp.json)")
+    else:
+        rows = read_jsonl(p)
+    if rows and "outcome" in rows[0] and "task" in rows[0]:
+        return [GateItem(str(r["task"]), str(r["task_id"]), str(r["prompt"]), str(p), None) for r in rows]
+    return _benchmark_items(p, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# decontamination
+# ---------------------------------------------------------------------------------------------
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Word n-grams of lower-cased text; a text shorter than n words is one gram (itself)."""
+    words = _WORD.findall(text.lower())
+    if not words:
+        return set()
+    if len(words) < n:
+        return {tuple(words)}
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class Decontaminator:
+    """Finds the gate item a candidate duplicates, by id or by n-gram containment.
+
+    Overlap is ``shared / min(|A|, |B|)`` over the two texts' n-gram sets, computed against each gate item
+    separately (an inverted index keeps it linear): a candidate that contains a gate question inside a
+    longer prompt, or is contained in one, is caught either way.
+    """
+
+    def __init__(self, items: list[GateItem], *, ngram: int = 8, overlap: float = 0.5):
+        if ngram < 1:
+            raise DataError(f"--ngram must be >= 1, got {ngram}")
+        if not 0 < overlap <= 1:
+            raise DataError(f"--overlap must be in (0, 1], got {overlap}")
+        self.n, self.threshold = ngram, overlap
+        self.items = items
+        self.by_id: dict[tuple, GateItem] = {}
+        for it in items:
+            self.by_id[self._id_key(it.task, it.task_id, it.data)] = it
+        self.grams = [ngrams(it.text, ngram) for it in items]
+        self.index: dict[tuple, list[int]] = defaultdict(list)
+        for i, gs in enumerate(self.grams):
+            for g in gs:
+                self.index[g].append(i)
+
+    @staticmethod
+    def _id_key(task: str, task_id: str, data: str | None) -> tuple:
+        return (task, str(task_id)) if task in GLOBAL_ID_TASKS else (task, str(task_id), data)
+
+    def match(self, task: str, task_id: str, text: str, data: str | None = None) -> dict | None:
+        """``{"by": "id"|"ngram", "gate_task", "gate_task_id", "gate_source", "overlap"}`` or None."""
+        if task in GLOBAL_ID_TASKS or data is not None:
+            hit = self.by_id.get(self._id_key(task, task_id, data))
+            if hit is not None:
+                return {"by": "id", "gate_task": hit.task, "gate_task_id": hit.task_id, "gate_source": hit.source,
+                        "overlap": None}
+        grams = ngrams(text, self.n)
+        if not grams:
+            return None
+        shared: Counter = Counter()
+        for g in grams:
+            for i in self.index.get(g, ()):
+                shared[i] += 1
+        best, best_score = None, 0.0
+        for i, k in shared.items():
+            score = k / min(len(grams), len(self.grams[i]))
+            if score > best_score:
+                best, best_score = i, score
+        if best is not None and best_score >= self.threshold:
+            it = self.items[best]
+            return {"by": "ngram", "gate_task": it.task, "gate_task_id": it.task_id, "gate_source": it.source,
+                    "overlap": round(best_score, 4)}
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------------------------
+
+def _fenced(code: str) -> str:
+    code = code.strip("\n")
+    return f"```python\n{code}\n```"
+
+
+def gold_solution(row: dict) -> str | None:
+    """The dataset's gold solution as a training target, in the shape the model is asked to answer in.
+
+    Uses ``gold_solution`` when the eval recorded it, else ``gold``. For code tasks a bare program is
+    fenced; a HumanEval body (which continues the prompt) is completed with the prompt's signature.
+    """
+    gold = row.get("gold_solution") or row.get("gold")
+    if not isinstance(gold, str) or not gold.strip():
+        return None
+    task = row.get("task")
+    if task == "gsm8k":
+        return gold if "####" in gold else f"#### {gold.strip()}"
+    if task in ("mbpp", "humaneval"):
+        if "```" in gold:
+            return gold
+        if task == "humaneval" and "def " not in gold.split("\n", 1)[0]:
+            gold = str(row.get("prompt", "")) + gold
+        return _fenced(gold)
+    return gold
+
+
+def reference_answer(row: dict) -> str | None:
+    ref = row.get("reference") or {}
+    text = ref.get("completion")
+    if not isinstance(text, str) or not text.strip():
+        return None
+    if row.get("task") == "humaneval" and "def " not in text and "```" not in text:
+        return gold_solution({"task": "humaneval", "prompt": row.get("prompt", ""), "gold": text})
+    return text
+
+
+def is_infra_failure(row: dict) -> bool:
+    return bool(row.get("infra_error")) or bool((row.get("reference") or {}).get("infra_error"))
+
+
+# ---------------------------------------------------------------------------------------------
+# mining
+# ---------------------------------------------------------------------------------------------
+
+def _norm_instruction(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def classify(row: dict, include_both_wrong: bool) -> str | None:
+    """The failure type of a row, or None when it is not a failure we train on."""
+    if row.get("outcome") == "loss":
+        return "loss"
+    if include_both_wrong and row.get("outcome") == "tie" and row.get("tie_kind") == "both_wrong":
+        return "both_wrong"
+    return None
+
+
+def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclude=(), ngram: int = 8,
+                  overlap: float = 0.5) -> dict:
+    """Write the Phase 1B set to ``out`` (JSONL) and return statistics of what was kept and removed."""
+    if isinstance(result_files, (str, Path)):
+        result_files = [result_files]
+    if not result_files:
+        raise DataError("no results given: pass one or more eval run dirs or results.jsonl files")
+    gate_items: list[GateItem] = []
+    for e in exclude or ():
+        gate_items += load_gate_items(e)
+    decon = Decontaminator(gate_items, ngram=ngram, overlap=overlap)
+
+    stats: dict = {
+        "results": [], "rows": 0, "outcomes": Counter(), "infra_excluded": 0, "infra_examples": [],
+        "candidates": 0, "duplicates": 0, "no_target": 0, "contaminated": [], "contaminated_by": Counter(),
+        "written": 0, "by_task": Counter(), "by_failure_type": Counter(), "targets": Counter(),
+        "exclude": [str(e) for e in exclude or ()], "gate_items": len(gate_items),
+        "ngram": ngram, "overlap": overlap, "include_both_wrong": include_both_wrong,
+    }
+    kept: list[dict] = []
+    seen_ids: set[tuple] = set()
+    seen_text: set[str] = set()
+    for f in result_files:
+        path, rows = read_results(f)
+        idents = _data_identities(path)
+        stats["results"].append(str(path))
+        for row in rows:
+            stats["rows"] += 1
+            task, task_id = str(row["task"]), str(row["task_id"])
+            if is_infra_failure(row):
+                stats["infra_excluded"] += 1
+                if len(stats["infra_examples"]) < 10:
+                    stats["infra_examples"].append({"task": task, "task_id": task_id,
+                                                    "infra_error": row.get("infra_error") or
+                                                    (row.get("reference") or {}).get("infra_error")})
+                continue
+            stats["outcomes"][str(row.get("outcome"))] += 1
+            failure_type = classify(row, include_both_wrong)
+            if failure_type is None:
+                continue
+            stats["candidates"] += 1
+            instruction = str(row["prompt"])
+            # GSM8K ids are per data file: without a recorded data identity, the results file stands in.
+            id_key = (task, task_id) if task in GLOBAL_ID_TASKS else (task, task_id, idents.get(task) or str(path))
+            text_key = _norm_instruction(instruction)
+            if id_key in seen_ids or text_key in seen_text:
+                stats["duplicates"] += 1
+                continue
+            hit = decon.match(task, task_id, instruction, idents.get(task))
+            if hit is not None:
+                stats["contaminated"].append({"task": task, "task_id": task_id, **hit})
+                stats["contaminated_by"][hit["by"]] += 1
+                continue
+            if (row.get("reference") or {}).get("correct") is True and reference_answer(row):
+                output, origin = reference_answer(row), "reference"
+            else:
+                output, origin = gold_solution(row), "gold"
+            if output is None:
+                stats["no_target"] += 1
+                continue
+            seen_ids.add(id_key)
+            seen_text.add(text_key)
+            kept.append({"instruction": instruction, "output": output, "source": f"{task}:{origin}",
+                         "task_id": task_id, "failure_type": failure_type})
+            stats["by_task"][task] += 1
+            stats["by_failure_type"][failure_type] += 1
+            stats["targets"][origin] += 1
+    if stats["rows"] == 0:
+        raise DataError(f"no rows in {', '.join(map(str, result_files))}: nothing to mine")
+    atomic_write_jsonl(out, kept)
+    stats["written"] = len(kept)
+    stats["out"] = str(out)
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in stats.items()}
+
+
+def format_stats(stats: dict) -> str:
+    lines = [
+        f"read {stats['rows']} rows from {len(stats['results'])} results file(s); outcomes: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(stats["outcomes"].items())),
+        f"infrastructure failures excluded: {stats['infra_excluded']}",
+        f"candidates ({'losses + both-wrong ties' if stats['include_both_wrong'] else 'losses only, ties never'}): "
+        f"{stats['candidates']}; duplicates removed: {stats['duplicates']}; no target: {stats['no_target']}",
+        f"decontamination against {stats['gate_items']} gate item(s) ({stats['ngram']}-gram overlap >= "
+        f"{stats['overlap']}): removed {len(stats['contaminated'])}"
+        + (" (" + ", ".join(f"by {k}: {v}" for k, v in sorted(stats["contaminated_by"].items())) + ")"
+           if stats["contaminated"] else ""),
+    ]
+    for c in stats["contaminated"][:10]:
+        lines.append(f"  removed {c['task']}/{c['task_id']}: {c['by']} match with {c['gate_task']}/{c['gate_task_id']}"
+                     + (f" (overlap {c['overlap']})" if c["overlap"] is not None else "") + f" in {c['gate_source']}")
+    if len(stats["contaminated"]) > 10:
+        lines.append(f"  ... and {len(stats['contaminated']) - 10} more")
+    lines.append(f"wrote {stats['written']} rows to {stats['out']} (by task: "
+                 + ", ".join(f"{k}={v}" for k, v in sorted(stats["by_task"].items()))
+                 + "; targets: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["targets"].items())) + ")")
+    return "\n".join(lines)
+
+
+def failures_command(results, *, out, include_both_wrong=False, exclude=None, ngram=8, overlap=0.5) -> int:
+    stats = mine_failures(list(results), out, include_both_wrong=include_both_wrong, exclude=exclude or (),
+                          ngram=ngram, overlap=overlap)
+    print(format_stats(stats))
+    if not exclude:
+        print("warning: no --exclude given, so nothing checked that these items are not gate/validation items; "
+              "pass the validation eval dirs with --exclude")
+    stats_path = Path(str(out) + ".stats.json")
+    atomic_write_json(stats_path, stats)
+    print(f"statistics: {stats_path}")
+    return 0
