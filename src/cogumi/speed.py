@@ -1,14 +1,52 @@
-"""Speed settings: what ``cogumi train`` turns on for a device (chosen by measurement, see
-benchmarks/train_throughput.py and docs/benchmarks.md).
+"""Speed settings: what ``cogumi train`` turns on for a device, chosen by measurement
+(benchmarks/train_throughput.py; the numbers and the card are in docs/benchmarks.md).
 
-``train.py`` asks ``resolve_speed_settings`` once and passes the result to the model loader and
-SFTConfig. Optional accelerations (Liger kernels, flash attention) degrade cleanly when not installed.
+Features
+  * ``resolve_speed_settings(training, device)`` turns the config's auto/on/off knobs into concrete
+    settings. On a CUDA GPU the defaults are: bf16; packing (TRL best-fit-decreasing packs of
+    ``max_length``) read through variable-length attention, so packed rows never attend to each other;
+    no activation checkpointing on cards with >= 70 GiB (a micro-batch of ``micro_batch_tokens`` tokens
+    fits an 8B base without recomputation); Liger's RMSNorm/SwiGLU/RoPE kernels when installed; fused
+    AdamW. On a CPU: fp32, no packing, plain SDPA, the config as written.
+  * ``model_load_kwargs(settings)``: ``from_pretrained`` keyword arguments (dtype, attention). Registers
+    the ``cogumi_varlen`` attention with transformers when it is chosen.
+  * ``apply_model_speedups(model, settings)``: Liger kernels on a loaded model (before PEFT wrapping).
+  * ``trainer_speed_kwargs(settings, training)``: SFTConfig keyword arguments (precision, packing,
+    micro-batch and accumulation, checkpointing, optimizer, compile).
+  * ``varlen_attention_forward``: the attention behind ``cogumi_varlen``. With TRL's padding-free
+    batches (one row of concatenated sequences plus ``cu_seq_lens_q``) it runs each sequence causally on
+    its own: PyTorch's built-in flash-attention varlen kernel on CUDA (``torch.nn.attention.varlen``),
+    else one SDPA call per sequence. Anything else (padded batches, generation) goes to transformers'
+    own SDPA path unchanged.
+
+Why a hand-written attention function: transformers' SDPA path turns packed position_ids into a dense
+block-diagonal mask, which is correct but computes every query/key pair of the whole packed row (no
+causal or per-sequence skipping) on the slower masked kernel, and flash-attn (the usual varlen
+kernel) is not installable on every machine. PyTorch ships the varlen kernel itself; this is the thin
+adapter from transformers' attention interface to it.
+
+Failure modes
+  * Liger or the varlen kernel missing: settings degrade to plain kernels / per-sequence SDPA (same
+    results, slower); ``liger: on`` without liger-kernel installed is silently off (reported in
+    ``SpeedSettings.notes``).
+  * A padding-free batch with more than one row is refused (ValueError): it would mean the collator and
+    the attention disagree on the layout.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+import inspect
+import math
+from dataclasses import asdict, dataclass, field
+
+VARLEN_ATTENTION = "cogumi_varlen"
+
+# Measured on one H100 80GB (docs/benchmarks.md): an 8B base with LoRA r=64 on the 7 projections and
+# no activation checkpointing peaks well under 70 GiB at this many tokens per micro-batch.
+BIG_GPU_GIB = 70
+MICRO_BATCH_TOKENS_NO_CKPT = 4096
+MICRO_BATCH_TOKENS_CKPT = 16384
 
 
 @dataclass
@@ -17,11 +55,13 @@ class SpeedSettings:
     dtype: str                      # torch dtype name for the base weights and compute
     packing: bool                   # pack rows into max_length sequences (no cross-row attention)
     gradient_checkpointing: bool
-    use_liger: bool                 # Liger fused kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)
+    use_liger: bool                 # Liger fused kernels (RMSNorm, SwiGLU, RoPE)
     optim: str                      # HF/TRL optim name
-    attn_implementation: str        # "sdpa" | "flash_attention_2" | "flex_attention" | "eager"
+    attn_implementation: str        # "cogumi_varlen" | "sdpa" | "flash_attention_2" | "flex_attention" | "eager"
     torch_compile: bool
     tf32: bool
+    micro_batch_tokens: int | None = None   # with packing: tokens per micro-batch (packs = this // max_length)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,7 +75,21 @@ def detect_device() -> str:
 
 
 def has_module(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def gpu_memory_gib() -> float | None:
+    """Total memory of CUDA device 0 in GiB, or None without CUDA."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except Exception:   # a broken driver must not stop a CPU run
+        pass
+    return None
 
 
 def _choice(value: str, default: bool) -> bool:
@@ -46,19 +100,221 @@ def resolve_speed_settings(training, device: str | None = None) -> SpeedSettings
     """Turn a TrainingConfig's auto/on/off knobs into concrete settings for ``device``."""
     device = device or detect_device()
     gpu = device == "cuda"
+    notes: list[str] = []
     dtype = training.dtype if training.dtype != "auto" else ("bfloat16" if gpu else "float32")
     liger_ok = has_module("liger_kernel")
-    use_liger = _choice(training.liger, gpu and liger_ok) and liger_ok
+    use_liger = _choice(training.liger, gpu and liger_ok)
+    if use_liger and not liger_ok:
+        notes.append("liger requested but liger-kernel is not installed: plain kernels")
+        use_liger = False
+    packing = _choice(training.packing, gpu)
     attn = training.attn_implementation
     if attn == "auto":
-        attn = "sdpa"
+        attn = VARLEN_ATTENTION if packing else "sdpa"
+    mem = gpu_memory_gib() if gpu else None
+    big_gpu = mem is not None and mem >= BIG_GPU_GIB
+    ckpt = _choice(training.gradient_checkpointing, gpu and not big_gpu)
     optim = training.optim
     if optim == "auto":
         optim = "adamw_torch_fused" if gpu else "adamw_torch"
+    micro = None
+    if packing and gpu:
+        micro = MICRO_BATCH_TOKENS_CKPT if ckpt else MICRO_BATCH_TOKENS_NO_CKPT
     return SpeedSettings(
-        device=device, dtype=dtype,
-        packing=_choice(training.packing, gpu),
-        gradient_checkpointing=_choice(training.gradient_checkpointing, False),
+        device=device, dtype=dtype, packing=packing, gradient_checkpointing=ckpt,
         use_liger=use_liger, optim=optim, attn_implementation=attn,
-        torch_compile=bool(training.torch_compile), tf32=gpu,
+        torch_compile=bool(training.torch_compile), tf32=gpu, micro_batch_tokens=micro, notes=notes,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# what the trainer and the model loader take
+# ---------------------------------------------------------------------------------------------
+
+def batch_plan(settings: SpeedSettings, training) -> tuple[int, int]:
+    """(per-device batch, accumulation steps). With packing a batch item is one pack of up to
+    ``max_length`` tokens; the micro-batch is sized to ``micro_batch_tokens`` and accumulation grows so
+    that an optimizer step still sees ``batch_size * grad_accum`` sequences."""
+    if not (settings.packing and settings.micro_batch_tokens):
+        return training.batch_size, training.grad_accum
+    per_device = max(1, settings.micro_batch_tokens // training.max_length)
+    per_device = min(per_device, training.batch_size * training.grad_accum)
+    accum = max(1, math.ceil(training.batch_size * training.grad_accum / per_device))
+    return per_device, accum
+
+
+def trainer_speed_kwargs(settings: SpeedSettings, training) -> dict:
+    """Keyword arguments for ``trl.SFTConfig`` that carry the speed settings."""
+    per_device, accum = batch_plan(settings, training)
+    kw = {
+        "bf16": settings.dtype == "bfloat16",
+        "fp16": settings.dtype == "float16",
+        "per_device_train_batch_size": per_device,
+        "gradient_accumulation_steps": accum,
+        "gradient_checkpointing": settings.gradient_checkpointing,
+        "optim": settings.optim,
+        "torch_compile": settings.torch_compile,
+        "packing": settings.packing,
+        "dataloader_pin_memory": settings.device == "cuda",
+    }
+    if settings.packing:
+        # best-fit decreasing: whole rows into packs, no row split across packs; TRL then feeds the
+        # packs padding-free (one row + cu_seq_lens), which cogumi_varlen attention reads.
+        kw["packing_strategy"] = "bfd"
+    if settings.gradient_checkpointing:
+        kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if settings.tf32:
+        kw["tf32"] = True
+    return kw
+
+
+def model_load_kwargs(settings: SpeedSettings) -> dict:
+    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (registers cogumi_varlen)."""
+    import torch
+    if settings.attn_implementation == VARLEN_ATTENTION:
+        register_varlen_attention()
+    return {"dtype": getattr(torch, settings.dtype), "attn_implementation": settings.attn_implementation}
+
+
+def apply_model_speedups(model, settings: SpeedSettings) -> list[str]:
+    """Apply Liger's layer kernels to a loaded model (call before PEFT wraps it). Returns what was applied.
+
+    Liger's fused linear cross-entropy is left off: TRL's SFTTrainer already computes the loss with its
+    own fused LM head (chunked, never materialising the 128K-vocab logits) and refuses Liger's.
+    """
+    if not settings.use_liger:
+        return []
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    return ["liger:rope", "liger:rms_norm", "liger:swiglu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# variable-length attention (the cogumi_varlen implementation)
+# ---------------------------------------------------------------------------------------------
+
+def register_varlen_attention() -> str:
+    """Register ``cogumi_varlen`` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    return VARLEN_ATTENTION
+
+
+def _varlen_mask(*args, **kwargs):
+    """No mask for unpadded inputs (packed rows are separated by cu_seq_lens, plain rows are causal);
+    transformers' SDPA mask for padded batches (generation, unpacked evaluation)."""
+    from transformers.masking_utils import sdpa_mask
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def cu_seqlens_from_position_ids(position_ids):
+    """Sequence boundaries of a packed row whose positions restart at 0 for every sequence."""
+    import torch
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        starts = torch.cat([starts.new_zeros(1), starts])
+    cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def _is_packed(position_ids) -> bool:
+    return position_ids is not None and position_ids.shape[0] == 1 and bool((position_ids[0, 1:] == 0).any())
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """transformers attention-interface function. query: [B, Hq, T, D], key/value: [B, Hkv, T, D];
+    returns ([B, T, Hq, D], None) like the other implementations."""
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    position_ids = kwargs.get("position_ids")
+    if cu is None and attention_mask is None and query.shape[2] > 1 and _is_packed(position_ids):
+        cu, max_len = cu_seqlens_from_position_ids(position_ids)
+    if cu is None or query.shape[2] == 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"cogumi_varlen: a padding-free batch must be one row, got {query.shape[0]}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError("cogumi_varlen: packed attention with a KV cache is not supported")
+    cu = cu.to(device=query.device, dtype=torch_int32())
+    if max_len is None:
+        max_len = int(cu.diff().max())
+    q = query[0].transpose(0, 1)          # [T, Hq, D]
+    k = key[0].transpose(0, 1)            # [T, Hkv, D]
+    v = value[0].transpose(0, 1)
+    n_rep = q.shape[1] // k.shape[1]
+    if q.is_cuda and dropout == 0.0 and flash_varlen_available():
+        out = _flash_varlen(q, k, v, cu, int(max_len), scaling, n_rep)
+    else:
+        out = _per_sequence_sdpa(q, k, v, cu, scaling, dropout, n_rep)
+    return out.unsqueeze(0), None
+
+
+def torch_int32():
+    import torch
+    return torch.int32
+
+
+_VARLEN_SIG: dict | None = None
+
+
+def flash_varlen_available() -> bool:
+    """PyTorch's built-in varlen flash attention (torch >= 2.10 on CUDA)."""
+    global _VARLEN_SIG
+    if _VARLEN_SIG is None:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+            _VARLEN_SIG = dict(inspect.signature(varlen_attn).parameters)
+        except Exception:
+            _VARLEN_SIG = {}
+    return bool(_VARLEN_SIG)
+
+
+def _flash_varlen(q, k, v, cu, max_len, scaling, n_rep):
+    from torch.nn.attention.varlen import varlen_attn
+    params = _VARLEN_SIG or {}
+    kw = {}
+    if "window_size" in params:          # torch >= 2.11: causal is window (-1, 0)
+        kw["window_size"] = (-1, 0)
+    else:                                # torch 2.10
+        kw["is_causal"] = True
+    if scaling is not None:
+        if "scale" in params:
+            kw["scale"] = scaling
+        elif abs(scaling - q.shape[-1] ** -0.5) > 1e-9:
+            return _per_sequence_sdpa(q, k, v, cu, scaling, 0.0, n_rep)
+    if n_rep > 1:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def _per_sequence_sdpa(q, k, v, cu, scaling, dropout, n_rep):
+    """Reference / fallback: one causal SDPA call per packed sequence. [T, H, D] in and out."""
+    import torch
+    import torch.nn.functional as F
+    bounds = cu.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e <= s:
+            continue
+        qs = q[s:e].transpose(0, 1).unsqueeze(0)
+        ks = k[s:e].transpose(0, 1).unsqueeze(0)
+        vs = v[s:e].transpose(0, 1).unsqueeze(0)
+        if n_rep > 1:
+            ks = ks.repeat_interleave(n_rep, dim=1)
+            vs = vs.repeat_interleave(n_rep, dim=1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling, dropout_p=dropout)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0)
