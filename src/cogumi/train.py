@@ -224,24 +224,22 @@ def lora_config(cfg: RunConfig):
                       use_rslora=lc.use_rslora, bias="none", task_type="CAUSAL_LM")
 
 
-def sft_config(cfg: RunConfig, speed, *, output_dir: Path, has_eval: bool = False):
+def sft_config(cfg: RunConfig, speed, *, output_dir: Path):
+    """SFTConfig for a run: cogumi's choices, then the speed settings (``speed.trainer_speed_kwargs``: precision,
+    packing, micro-batch/accumulation plan, checkpointing, optimizer, compile, TF32) on top."""
     from trl import SFTConfig
+
+    from cogumi.speed import trainer_speed_kwargs
     t = cfg.training
-    kwargs: dict[str, Any] = {}
-    if speed.device == "cuda":
-        kwargs["tf32"] = speed.tf32
-    return SFTConfig(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay, max_grad_norm=t.grad_clip, optim=speed.optim,
-        seed=t.seed, data_seed=t.seed,
-        bf16=speed.dtype == "bfloat16", fp16=speed.dtype == "float16", use_cpu=speed.device == "cpu",
-        gradient_checkpointing=speed.gradient_checkpointing,
-        use_liger_kernel=speed.use_liger, torch_compile=speed.torch_compile,
-        max_length=t.max_length, packing=speed.packing, packing_strategy="bfd",
+        weight_decay=t.weight_decay, max_grad_norm=t.grad_clip,
+        seed=t.seed, data_seed=t.seed, use_cpu=speed.device == "cpu",
+        max_length=t.max_length,
         completion_only_loss=True,          # our completion_mask marks every assistant turn (+ end-of-turn)
         logging_steps=t.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding",
@@ -251,17 +249,18 @@ def sft_config(cfg: RunConfig, speed, *, output_dir: Path, has_eval: bool = Fals
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
         dataloader_num_workers=0,
-        **kwargs,
     )
+    kwargs.update(trainer_speed_kwargs(speed, t))
+    return SFTConfig(**kwargs)
 
 
 def load_base_model(cfg: RunConfig, speed, *, quantized: bool = False):
     """The base in the resolved dtype. A pre-quantized (bnb) base -- allowed only with the override -- keeps its
     own quantization_config and is placed on this process's device at load time (bnb weights can't be moved)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, speed.dtype), "attn_implementation": speed.attn_implementation}
+    from cogumi.speed import model_load_kwargs
+    kwargs: dict[str, Any] = model_load_kwargs(speed)
     if cfg.base_revision:
         kwargs["revision"] = cfg.base_revision
     if quantized:
@@ -279,13 +278,17 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
     """
     from trl import SFTTrainer
 
+    from cogumi.speed import apply_model_speedups
+
     out = Path(cfg.output_dir)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=speed.gradient_checkpointing)
+    else:
+        apply_model_speedups(model, speed)       # Liger layer kernels, before PEFT wraps the model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    args = sft_config(cfg, speed, output_dir=out / "checkpoints", has_eval=eval_dataset is not None)
+    args = sft_config(cfg, speed, output_dir=out / "checkpoints")
     if callbacks is None:
         callbacks = make_callbacks(cfg, out, log)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -383,7 +386,10 @@ def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stat
         "speed": speed.to_dict(),
         "libraries": library_versions(),
         "world_size": trainer.args.world_size,
-        "global_batch_size": cfg.training.batch_size * cfg.training.grad_accum * trainer.args.world_size,
+        "per_device_batch_size": trainer.args.per_device_train_batch_size,
+        "grad_accum": trainer.args.gradient_accumulation_steps,
+        "global_batch_size": (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+                              * trainer.args.world_size),
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": state.epoch,
@@ -483,13 +489,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     elif main:
         (out / "train_log.jsonl").unlink(missing_ok=True)
 
-    g = cfg.training
-    say(f"train: base {cfg.base_model} ({speed.dtype} on {speed.device}, {state.num_processes} process(es)); "
-        f"global batch {g.batch_size}x{g.grad_accum}x{state.num_processes} = "
-        f"{g.batch_size * g.grad_accum * state.num_processes}; packing {'on' if speed.packing else 'off'}")
     model = load_base_model(cfg, speed, quantized=quantized)
     trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=data.train_dataset, speed=speed,
                             eval_dataset=data.eval_dataset, log=say)
+    a = trainer.args
+    say(f"train: base {cfg.base_model} ({speed.dtype} on {speed.device}, {state.num_processes} process(es)); "
+        f"global batch {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{state.num_processes} = "
+        f"{a.per_device_train_batch_size * a.gradient_accumulation_steps * state.num_processes}"
+        f"{' packs' if speed.packing else ' rows'}; packing {'on' if speed.packing else 'off'}, "
+        f"attention {speed.attn_implementation}")
     monitor = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "Monitor")
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
