@@ -149,6 +149,7 @@ def make_callbacks(cfg: RunConfig, out: Path, log: Callable[[str], Any]) -> list
             if state.is_world_process_zero:
                 row = {"step": state.global_step, "epoch": state.epoch, "time_s": round(time.time() - self.t0, 3),
                        **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
 
@@ -406,6 +407,20 @@ def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stat
 # the run
 # ---------------------------------------------------------------------------------------------
 
+def preflight_base(cfg: RunConfig, log: Callable[[str], Any] = print):
+    """Refuse a quantized base before any weight loads (``lineage`` owns the rules).
+
+    A hub id whose *name* marks a quantized upload (``unsloth/...-bnb-4bit``) is refused before its config.json
+    is even fetched, so the refusal works offline too; then the config itself is checked.
+    """
+    from cogumi.lineage import check_training_base, quantization_findings, red_findings
+    name_reds = red_findings(quantization_findings({}, cfg.base_model))
+    if name_reds and not cfg.allow_quantized_base:
+        raise RedFlagError("refusing to train on a quantized base:\n  " + "\n  ".join(f.line() for f in name_reds) +
+                           "\n(Override with allow_quantized_base: true only if you know why; it is recorded.)")
+    return check_training_base(cfg.base_model, cfg.base_revision, allow_quantized=cfg.allow_quantized_base, log=log)
+
+
 def _check_output_dir(out: Path, resume: bool, log) -> Path | None:
     adapter = out / "adapter"
     if adapter.exists():
@@ -440,7 +455,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     from accelerate import PartialState
 
     from cogumi.io import atomic_dir, atomic_write_text
-    from cogumi.lineage import check_training_base, red_findings, write_manifest
+    from cogumi.lineage import red_findings, write_manifest
     from cogumi.speed import resolve_speed_settings
 
     out = Path(cfg.output_dir).expanduser().resolve()
@@ -454,9 +469,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     if done is not None:
         return done
 
-    # Preflight: reads config.json only -- refuses a quantized base before any weight loads.
-    base_cfg, findings = check_training_base(cfg.base_model, cfg.base_revision,
-                                             allow_quantized=cfg.allow_quantized_base, log=say)
+    base_cfg, findings = preflight_base(cfg, log=say)
     quantized = bool(red_findings(findings))
 
     from transformers import AutoTokenizer
