@@ -200,6 +200,7 @@ def register_varlen_attention() -> str:
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
     AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    check_flash_varlen()          # on CUDA: trust the fused kernel only after a forward/backward check
     return VARLEN_ATTENTION
 
 
@@ -264,10 +265,12 @@ def torch_int32():
 
 
 _VARLEN_SIG: dict | None = None
+_VARLEN_OK: bool | None = None
 
 
 def flash_varlen_available() -> bool:
-    """PyTorch's built-in varlen flash attention (torch >= 2.10 on CUDA)."""
+    """PyTorch's built-in varlen flash attention (torch >= 2.10), checked once on CUDA (forward and
+    backward against per-sequence SDPA) before it is trusted; see ``check_flash_varlen``."""
     global _VARLEN_SIG
     if _VARLEN_SIG is None:
         try:
@@ -275,7 +278,35 @@ def flash_varlen_available() -> bool:
             _VARLEN_SIG = dict(inspect.signature(varlen_attn).parameters)
         except Exception:
             _VARLEN_SIG = {}
-    return bool(_VARLEN_SIG)
+    return bool(_VARLEN_SIG) and _VARLEN_OK is not False
+
+
+def check_flash_varlen() -> bool:
+    """Run the varlen kernel once on a small packed input (GQA, causal, three sequences) and compare output
+    and gradients with per-sequence SDPA. A failure (missing backward, an API change) turns it off, so
+    training falls back to per-sequence SDPA instead of crashing hours in."""
+    global _VARLEN_OK
+    if _VARLEN_OK is not None:
+        return _VARLEN_OK
+    import torch
+    if not torch.cuda.is_available() or not flash_varlen_available():
+        _VARLEN_OK = False
+        return False
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        shape = lambda h: (40, h, 64)   # noqa: E731
+        q, k, v = (torch.randn(shape(h), device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                   for h in (4, 2, 2))
+        cu = torch.tensor([0, 7, 25, 40], device="cuda", dtype=torch.int32)
+        out = _flash_varlen(q, k, v, cu, 18, 64 ** -0.5, 2)
+        ref = _per_sequence_sdpa(q, k, v, cu, 64 ** -0.5, 0.0, 2)
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-6))  # noqa: E731
+        _VARLEN_OK = rel(out, ref) < 2e-2 and all(rel(a, b) < 5e-2 for a, b in zip(grads, ref_grads))
+    except Exception:
+        _VARLEN_OK = False
+    return _VARLEN_OK
 
 
 def _flash_varlen(q, k, v, cu, max_len, scaling, n_rep):

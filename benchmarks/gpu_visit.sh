@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One GPU visit: everything the speed benchmarks measure, in one command that fits a 10-minute lease.
+#
+#   bash benchmarks/gpu_visit.sh full     # env check, packing parity, train A/B, generation, merge
+#   bash benchmarks/gpu_visit.sh probe    # env check, parity, B ablations, generation (chooses defaults)
+#   bash benchmarks/gpu_visit.sh smoke    # the same parts on the tiny model on CPU (rehearsal, CI)
+#
+# Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
+# so one failing or slow part never stops the rest. Logs and JSON go to $OUT (default /tmp/cogumi-gpu-out);
+# a short table is printed last. Missing packages (trl, datasets, liger-kernel, ...) come as wheels in .whl/
+# (see benchmarks/README.md) and are installed with --target /tmp/site; cogumi runs from src/ (PYTHONPATH).
+set -u
+MODE="${1:-full}"
+OUT="${OUT:-/tmp/cogumi-gpu-out}"
+mkdir -p "$OUT"
+BUDGET_S="${BUDGET_S:-570}"
+START=$(date +%s)
+PY="${PYTHON:-python3}"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+SMOKE=""
+if [ "$MODE" = smoke ]; then
+  SMOKE="--smoke"
+  export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+elif ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
+  export PYTHONPATH="/tmp/site:$PWD/src"
+else
+  export PYTHONPATH="$PWD/src"
+fi
+
+remaining() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+# part NAME CAP_SECONDS CMD...: run CMD with min(CAP, time left - 5 s), tee to $OUT/NAME.log, never fail
+part() {
+  local name="$1" cap="$2"; shift 2
+  local left=$(( $(remaining) - 5 ))
+  local lim=$(( cap < left ? cap : left ))
+  if [ "$lim" -lt 15 ]; then echo "== $name: skipped (no time left)" | tee -a "$OUT/summary.txt"; return 0; fi
+  echo "== $name (limit ${lim}s) $(date +%T)"
+  local t0=$(date +%s)
+  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/summary.txt"
+  tail -n 25 "$OUT/$name.log"
+  return 0
+}
+
+ENV_CHECK="$OUT/env_check.py"
+cat > "$ENV_CHECK" <<'EOF'
+import importlib, json, platform, subprocess
+info = {"python": platform.python_version()}
+for m in ["torch", "transformers", "peft", "trl", "accelerate", "datasets", "liger_kernel", "pyarrow", "triton",
+          "flash_attn", "pynvml", "fsspec", "dill", "multiprocess"]:
+    try:
+        info[m] = getattr(importlib.import_module(m), "__version__", "?")
+    except Exception as e:
+        info[m] = f"absent ({type(e).__name__})"
+import torch, inspect
+info["cuda"] = torch.cuda.is_available()
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    info["gpu"] = p.name; info["gpu_gib"] = round(p.total_memory / 2**30, 1)
+    try:
+        info["utilization_readable"] = torch.cuda.utilization()
+    except Exception as e:
+        info["utilization_readable"] = f"no ({type(e).__name__})"
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    info["varlen_attn"] = str(inspect.signature(varlen_attn))
+except Exception as e:
+    info["varlen_attn"] = f"absent ({type(e).__name__})"
+from cogumi.speed import resolve_speed_settings, check_flash_varlen
+info["flash_varlen_checked_ok"] = check_flash_varlen()
+from cogumi.config import TrainingConfig
+info["cogumi_speed_defaults"] = resolve_speed_settings(TrainingConfig()).to_dict()
+print(json.dumps(info, indent=1))
+EOF
+
+case "$MODE" in
+  smoke)
+    part env 120 $PY "$ENV_CHECK"
+    part parity 120 $PY benchmarks/train_throughput.py --smoke --variants B --parity-only --out "$OUT/parity.json"
+    part train 300 $PY benchmarks/train_throughput.py --smoke --ablate "liger=off" --out "$OUT/train.json"
+    part generate 300 $PY benchmarks/generate_throughput.py --smoke --out "$OUT/generate.json"
+    if [ -f benchmarks/merge.py ]; then part merge 300 $PY benchmarks/merge.py --smoke; fi
+    ;;
+  probe)
+    part env 60 $PY "$ENV_CHECK"
+    part parity 90 $PY benchmarks/train_throughput.py --shape tiny --device cuda --variants B --parity-only \
+      --rows 300 --out "$OUT/parity.json"
+    part train 330 $PY benchmarks/train_throughput.py --variants B --warmup 1 --steps 2 --rows 900 \
+      --ablate "attn_implementation=sdpa,liger=off,grad_accum=1" --ablate "liger=off,grad_accum=1" \
+      --ablate "grad_accum=1,micro=6144" --set grad_accum=1 --out "$OUT/train.json"
+    part generate 200 $PY benchmarks/generate_throughput.py --loop-prompts 1 --out "$OUT/generate.json"
+    part flex 120 $PY benchmarks/train_throughput.py --variants B --warmup 1 --steps 2 --rows 600 \
+      --set attn_implementation=flex_attention --set liger=off --set grad_accum=1 --out "$OUT/flex.json"
+    ;;
+  full)
+    part env 60 $PY "$ENV_CHECK"
+    part parity 90 $PY benchmarks/train_throughput.py --shape tiny --device cuda --variants B --parity-only \
+      --rows 300 --out "$OUT/parity.json"
+    part train 300 $PY benchmarks/train_throughput.py --out "$OUT/train.json"
+    part generate 180 $PY benchmarks/generate_throughput.py --loop-prompts 3 --out "$OUT/generate.json"
+    if [ -f benchmarks/merge.py ]; then
+      part merge 240 $PY benchmarks/merge.py --shape 8b --out "$OUT/merge.json"
+    fi
+    ;;
+  *) echo "usage: $0 full|probe|smoke"; exit 2 ;;
+esac
+
+echo
+echo "================ summary ($MODE, $(( $(date +%s) - START ))s) ================"
+cat "$OUT/summary.txt"
+for f in train parity generate merge flex; do
+  [ -f "$OUT/$f.log" ] || continue
+  echo "--- $f"
+  grep -E '^\||B/A|4N limit|^parity:|cogumi/loop|PARITY|^merge|Error|error:' "$OUT/$f.log" | grep -v Warning | tail -n 22
+done
+exit 0
