@@ -55,3 +55,9 @@ def test_bad_keys_and_types_name_the_key(override, key):
 def test_missing_files_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="data.train"):
         load_run_config(CONFIGS / "tiny.yaml", [f"base_model={tmp_path}", "data.train=./nope.jsonl"])
+
+
+def test_yaml_on_off_are_read_as_the_knob_values(tmp_path):
+    # YAML 1.1 turns a bare `on`/`off` into true/false; the auto/on/off knobs take them as meant.
+    cfg = load_run_config(CONFIGS / "tiny.yaml", ["training.packing=on", "training.liger=off"], check_files=False)
+    assert (cfg.training.packing, cfg.training.liger) == ("on", "off")

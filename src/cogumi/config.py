@@ -103,7 +103,11 @@ def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
     if tp is type(None):
         return value is None, value
     if origin is Literal:
-        return value in typing.get_args(tp), value
+        choices = typing.get_args(tp)
+        # YAML 1.1 reads a bare on/off as true/false; for auto/on/off knobs take them as meant.
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            return True, "on" if value else "off"
+        return value in choices, value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
