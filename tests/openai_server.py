@@ -156,7 +156,10 @@ class FakeOpenAIServer:
                     server.log.append(record)
                 if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     record.status = 401
-                    return self._send_json(401, {"error": {"message": "Incorrect API key provided", "type": "auth"}})
+                    # Like OpenAI, the message quotes the key it got: clients must not print it unredacted.
+                    got = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    return self._send_json(401, {"error": {"message": f"Incorrect API key provided: {got}",
+                                                           "type": "invalid_request_error"}})
                 fault = server._next_fault(record)
                 record.fault = fault.kind if fault else None
                 try:

@@ -1,0 +1,529 @@
+"""``run_eval``: generate, check and judge a candidate against a reference; write results and summary.
+
+Features:
+  * Candidate and reference are each one of: a local model dir, an adapter dir (base + adapter,
+    unmerged), a hub id (``generate.load_candidate``: own dtype, never silently quantized; batched
+    greedy generation), an endpoint ``openai:MODEL[@URL]`` (``endpoint.ChatEndpoint``), or a
+    predictions file / dir (JSONL ``{task_id, completion}`` [+ ``task``], or ``TASK.jsonl`` per task;
+    an eval run's ``results.jsonl`` works too).
+  * Every generated answer goes to ``OUT/cache/generations.jsonl`` and every judgment to
+    ``OUT/cache/judgments.jsonl`` as soon as it exists, keyed by content (model identity -- a weights
+    fingerprint for local models -- plus the prompt and generation settings). A run killed at any
+    moment resumes with the same command and pays for nothing twice; an endpoint that goes down stops
+    the run with a clear error and the same resume.
+  * Both sides are checked objectively (``tasks.check_many``, sandboxed for code). Judges (``judge.py``):
+    ``exact`` from the checks; ``llm`` pairwise in both orders, disagreement -> tie.
+  * ``OUT/results.jsonl`` (one row per item) then ``OUT/summary.json`` (written last: its presence marks
+    a finished run), both atomically, in the docs/design.md layout, with 95% Wilson intervals.
+
+Failure modes: bad arguments or files -> ``CogumiError`` naming the flag/file; a reference predictions
+file missing sampled items -> ``DataError`` listing them; an OUT that holds a finished run -> refused
+without ``overwrite``; a directory that is not an eval run -> refused. Infrastructure failures (sandbox,
+endpoint refusing one item, unparseable judgment) are per-item ``infra_error``s, never wins or losses.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cogumi import __version__
+from cogumi.errors import CogumiError, ConfigError, DataError
+from cogumi.evaluation import tasks as tasks_mod
+from cogumi.evaluation.endpoint import (ChatEndpoint, RequestFailed, ResponseCache, RetryBudget, RetryPolicy,
+                                        cache_key, cached_complete, is_endpoint_spec, parse_endpoint_spec,
+                                        redact, safe_url)
+from cogumi.evaluation.judge import LLMJudge, exact_outcome
+from cogumi.evaluation.stats import wilson_interval
+from cogumi.io import atomic_write_json, atomic_write_jsonl, read_jsonl, sha256_file
+
+JUDGES = ("exact", "llm")
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# sides: where completions come from
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Completions:
+    texts: list[str | None]
+    errors: list[str | None]
+
+
+class PredictionsSide:
+    """Completions made elsewhere: a JSONL file or a dir with one TASK.jsonl per task."""
+
+    kind = "predictions"
+
+    def __init__(self, path: str, tasks: list[str]):
+        self.path = Path(path)
+        self.label = str(path)
+        self.table = load_predictions(self.path, tasks)
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "path": str(self.path)}
+
+    def complete(self, items, conversations, log) -> Completions:
+        missing = [f"{it.task}/{it.task_id}" for it in items if (it.task, it.task_id) not in self.table]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise DataError(f"{self.path}: no prediction for {len(missing)} of the {len(items)} sampled items: "
+                            f"{shown}. Predictions must cover every item; check that --n/--seed/--data match how "
+                            f"they were made (GSM8K ids are 0-based row indexes of the data file).")
+        texts = [self.table[(it.task, it.task_id)] for it in items]
+        return Completions(texts, [None if t is not None else "no completion in the predictions file" for t in texts])
+
+
+def load_predictions(path: Path, tasks: list[str]) -> dict[tuple[str, str], str | None]:
+    if not path.exists():
+        raise DataError(f"{path}: predictions file or dir not found")
+    files: list[tuple[Path, str | None]]
+    if path.is_dir():
+        files = []
+        for task in tasks:
+            f = path / f"{task}.jsonl"
+            if not f.exists():
+                raise DataError(f"{path}: no {task}.jsonl here (a predictions dir holds one TASK.jsonl per task, "
+                                f"rows {{\"task_id\", \"completion\"}})")
+            files.append((f, task))
+    else:
+        files = [(path, None)]
+    table: dict[tuple[str, str], str | None] = {}
+    for f, task in files:
+        rows = read_jsonl(f)
+        has_task = any("task" in r for r in rows)
+        if task is None and not has_task and len(tasks) > 1:
+            raise DataError(f"{f}: rows have no 'task' field but {len(tasks)} tasks are evaluated "
+                            f"({', '.join(tasks)}); add \"task\" to each row or use a dir with one TASK.jsonl per task")
+        for i, row in enumerate(rows, start=1):
+            where = f"{f}: row {i}"
+            for key in ("task_id", "completion"):
+                if key not in row:
+                    raise DataError(f"{where}: missing key {key!r} (predictions rows are {{\"task_id\", \"completion\"}})")
+            row_task = row.get("task") if has_task else (task or tasks[0])
+            if row_task is None:
+                raise DataError(f"{where}: missing key 'task' (other rows of this file have one)")
+            completion = row["completion"]
+            if completion is not None and not isinstance(completion, str):
+                raise DataError(f"{where}: 'completion' must be a string, got {type(completion).__name__}")
+            key = (str(row_task), str(row["task_id"]))
+            if key in table:
+                raise DataError(f"{where}: task_id {key[1]!r} ({key[0]}) appears twice; keep one completion per item")
+            table[key] = completion
+    return table
+
+
+class EndpointSide:
+    """Completions from an OpenAI-compatible endpoint, each asked once (cached)."""
+
+    kind = "endpoint"
+
+    def __init__(self, endpoint: ChatEndpoint, cache: ResponseCache, *, max_new_tokens: int, workers: int):
+        self.endpoint = endpoint
+        self.cache = cache
+        self.max_new_tokens = max_new_tokens
+        self.workers = workers
+        self.label = endpoint.spec.label
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "model": self.endpoint.spec.model, "base_url": safe_url(self.endpoint.spec.base_url)}
+
+    def complete(self, items, conversations, log) -> Completions:
+        def one(messages):
+            try:
+                return cached_complete(self.endpoint, self.cache, messages, max_tokens=self.max_new_tokens,
+                                       kind="generate")[0], None
+            except RequestFailed as e:
+                return None, f"{self.label}: {e}"
+        pairs = run_concurrently(one, conversations, self.workers, log, f"{self.label}: generating")
+        return Completions([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+class LocalModelSide:
+    """A local model / adapter dir / hub id, loaded only if some answer is not cached yet."""
+
+    kind = "local"
+
+    def __init__(self, model: str, base: str | None, cache: ResponseCache, *, max_new_tokens: int, batch_size: int):
+        self.model = model
+        self.base = base
+        self.cache = cache
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = max(1, batch_size)
+        self.label = model
+        self.identity = model_identity(model, base)
+        self.loaded_info: dict = {}
+
+    def info(self) -> dict:
+        info = {"kind": self.kind, "model": self.model, "base": self.base, "identity": self.identity}
+        if (Path(self.model) / "config.json").exists():  # known without loading (all answers may be cached)
+            from cogumi.lineage import config_dtype, read_model_config
+            cfg = read_model_config(self.model)
+            info["config_dtype"] = config_dtype(cfg)
+            info["config_quantized"] = (cfg.get("quantization_config") or {}).get("quant_method")
+        return {**info, **self.loaded_info}
+
+    def _key(self, messages) -> str:
+        return cache_key(self.identity, messages, {"max_new_tokens": self.max_new_tokens, "greedy": True,
+                                                   "kind": "generate"})
+
+    def complete(self, items, conversations, log) -> Completions:
+        keys = [self._key(m) for m in conversations]
+        todo = [i for i, k in enumerate(keys) if k not in self.cache]
+        if todo:
+            self._generate(todo, conversations, keys, log)
+        else:
+            log(f"{self.label}: all {len(keys)} answers cached")
+        return Completions([self.cache.get(k)["text"] for k in keys], [None] * len(keys))
+
+    def _generate(self, todo, conversations, keys, log) -> None:
+        from cogumi.evaluation.generate import generate_completions, load_candidate
+
+        log(f"{self.label}: loading ({len(keys) - len(todo)} of {len(keys)} answers cached)")
+        model, tokenizer = load_candidate(self.model, self.base)
+        self.loaded_info = _loaded_model_info(model)
+        if self.loaded_info.get("quantized"):
+            log(f"warning: {self.label} is a quantized model ({self.loaded_info['quantized']}); "
+                f"its scores are the quantized model's, not the full-precision one's")
+        # Longest prompts first (the batch most likely to run out of memory fails first); answers are
+        # cached after every chunk, so a crash costs at most one chunk.
+        todo = sorted(todo, key=lambda i: -sum(len(m["content"]) for m in conversations[i]))
+        chunk = self.batch_size * 4
+        start_time = time.monotonic()
+        try:
+            for start in range(0, len(todo), chunk):
+                idx = todo[start:start + chunk]
+                texts = generate_completions(model, tokenizer, [conversations[i] for i in idx],
+                                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+                for i, text in zip(idx, texts):
+                    self.cache.put(keys[i], {"text": text, "model": self.identity, "kind": "generate"})
+                log(f"{self.label}: generated {min(start + chunk, len(todo))}/{len(todo)} "
+                    f"({time.monotonic() - start_time:.0f}s)")
+        finally:
+            del model
+            gc.collect()
+            _empty_cuda_cache()
+
+
+def _empty_cuda_cache() -> None:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # freeing memory must never fail the run
+        pass
+
+
+def _loaded_model_info(model) -> dict:
+    param = next(model.parameters())
+    qcfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    quantized = None
+    if qcfg is not None:
+        quantized = getattr(qcfg, "quant_method", None) or (qcfg.get("quant_method") if isinstance(qcfg, dict) else None) \
+            or "quantization_config present"
+        quantized = str(getattr(quantized, "value", quantized))
+    return {"dtype": str(param.dtype).replace("torch.", ""), "device": str(param.device), "quantized": quantized}
+
+
+def model_identity(model: str, base: str | None) -> str:
+    """What the cache keys on: weight fingerprints for local dirs (retraining in place changes it)."""
+    from cogumi.lineage import fingerprint
+
+    def ident(path_or_id: str) -> str:
+        p = Path(path_or_id).expanduser()
+        if p.is_dir():
+            try:
+                return fingerprint(p)
+            except CogumiError:
+                return f"dir:{p.resolve()}"
+        return f"hub:{path_or_id}"
+
+    path = Path(model).expanduser()
+    if (path / "adapter_config.json").exists():
+        recorded = None
+        try:
+            recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            pass
+        base_ref = base or recorded or "recorded-base"
+        return f"adapter:{ident(str(path))}+base:{ident(base_ref)}"
+    return f"model:{ident(model)}"
+
+
+def run_concurrently(fn: Callable, jobs: list, workers: int, log, what: str) -> list:
+    """``[fn(job) for job in jobs]`` on ``workers`` threads; the first exception cancels the rest."""
+    results: list = [None] * len(jobs)
+    if not jobs:
+        return results
+    step = max(1, len(jobs) // 10)
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            results[i] = fn(job)
+            if (i + 1) % step == 0 or i + 1 == len(jobs):
+                log(f"{what} {i + 1}/{len(jobs)}")
+        return results
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cogumi-api")
+    try:
+        futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+        for done, future in enumerate(as_completed(futures), start=1):
+            results[futures[future]] = future.result()
+            if done % step == 0 or done == len(jobs):
+                log(f"{what} {done}/{len(jobs)}")
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # requests in flight finish and are cached
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------------
+
+def _prepare_out(out: Path, overwrite: bool, log) -> None:
+    if out.exists() and not out.is_dir():
+        raise CogumiError(f"--out {out}: exists and is a file; give a directory for the eval run")
+    if (out / "summary.json").exists() and not overwrite:
+        raise CogumiError(f"--out {out}: already holds a finished eval (summary.json); pass --overwrite to redo it "
+                          f"(cached answers and judgments are reused) or choose another --out")
+    if out.exists() and any(out.iterdir()) and not (out / "cache").is_dir() and not (out / "summary.json").exists():
+        raise CogumiError(f"--out {out}: a non-empty directory that is not an eval run (no cache/ or summary.json); "
+                          f"choose a new or empty directory")
+    if (out / "cache").is_dir() and not (out / "summary.json").exists():
+        log(f"resuming the eval in {out} (cached answers and judgments are reused)")
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+
+
+def _side(spec: str, role: str, *, tasks: list[str], base: str | None, endpoint: str | None, api_model: str | None,
+          gen_cache: ResponseCache, policy: RetryPolicy, budget: RetryBudget, max_new_tokens: int,
+          batch_size: int, api_workers: int):
+    if is_endpoint_spec(spec):
+        ep = ChatEndpoint(parse_endpoint_spec(spec, endpoint=endpoint, api_model=api_model), policy=policy,
+                          budget_counter=budget)
+        return EndpointSide(ep, gen_cache, max_new_tokens=max_new_tokens, workers=api_workers)
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return PredictionsSide(str(p), tasks)
+    if p.is_dir():
+        if (p / "config.json").exists() or (p / "adapter_config.json").exists():
+            return LocalModelSide(str(p), base if role == "candidate" else None, gen_cache,
+                                  max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return PredictionsSide(str(p), tasks)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise CogumiError(f"{role} {spec!r}: no such file or directory (expected a model dir, an adapter dir, "
+                          f"a hub id like org/name, openai:MODEL, or a predictions file)")
+    return LocalModelSide(spec, base if role == "candidate" else None, gen_cache,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def _load_items(task_names: list[str], data: dict[str, str], n: int | None, seed: int, few_shot: int):
+    known_keys = set(task_names) | {f"{t}-shots" for t in task_names}
+    for key in data:
+        if key not in known_keys:
+            raise ConfigError(f"--data {key}=...: {key!r} is not among --tasks ({', '.join(task_names)}); "
+                              f"use TASK=FILE (or TASK-shots=FILE for few-shot examples)")
+    items, messages, data_info = [], [], {}
+    for task in task_names:
+        loaded = tasks_mod.load_task(task, data.get(task), n=n, seed=seed)
+        shots = _shots(task, data) if few_shot else None
+        items += loaded
+        messages += [tasks_mod.build_messages(it, few_shot=few_shot, shots=shots) for it in loaded]
+        source = data.get(task)
+        data_info[task] = {"data": source or tasks_mod.HUB_IDS[task][0],
+                           "data_sha256": sha256_file(source) if source else None}
+    return items, messages, data_info
+
+
+def _shots(task: str, data: dict[str, str]):
+    if f"{task}-shots" in data:
+        return tasks_mod.few_shot_pool(task, data[f"{task}-shots"])
+    source = data.get(task)
+    if task == "gsm8k" and source:
+        train = Path(source).with_name("train.jsonl")
+        if not train.exists() or train.resolve() == Path(source).resolve():
+            raise ConfigError(f"--few-shot for gsm8k needs training examples: no train.jsonl beside {source}; "
+                              f"pass --data gsm8k-shots=TRAIN.jsonl")
+        return tasks_mod.few_shot_pool(task, str(train))
+    return tasks_mod.few_shot_pool(task, source)
+
+
+def gold_text(item) -> str:
+    """The benchmark's own solution, shown to the LLM judge as the reference answer."""
+    if item.task == "gsm8k":
+        import re
+        return re.sub(r"<<[^>]*>>", "", str(item.data.get("answer", item.gold))).strip()
+    if item.task == "humaneval":
+        return item.data["prompt"] + item.data["canonical_solution"]
+    return str(item.data.get("code", item.gold))
+
+
+def _check_side(items, completions: Completions, workers, timeout) -> list[dict]:
+    idx = [i for i, t in enumerate(completions.texts) if t is not None]
+    checks = tasks_mod.check_many([items[i] for i in idx], [completions.texts[i] for i in idx],
+                                  workers=workers, timeout=timeout)
+    out = [{"completion": None, "extracted": None, "correct": None, "reason": e or "no completion",
+            "infra_error": e or "no completion"} for e in completions.errors]
+    for i, c in zip(idx, checks):
+        out[i] = {"completion": completions.texts[i], "extracted": c.extracted, "correct": c.correct,
+                  "reason": c.reason, "infra_error": c.infra_error}
+    return out
+
+
+def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = None, seed: int = 0,
+             data: dict[str, str] | None = None, reference: str | None = None, judge: str = "exact",
+             judge_model: str | None = None, batch_size: int = 32, max_new_tokens: int = 512,
+             base: str | None = None, endpoint: str | None = None, api_model: str | None = None,
+             few_shot: int = 0, workers: int | None = None, timeout: float = 10.0, overwrite: bool = False,
+             retry: RetryPolicy | None = None, api_workers: int = 4, judge_max_tokens: int = 1024,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Evaluate ``model`` on ``tasks`` against ``reference``; write OUT/results.jsonl + summary.json.
+
+    Returns the summary dict. ``retry`` sets endpoint retries/backoff/budget/timeouts; ``api_workers``
+    how many endpoint requests run at once.
+    """
+    log = log or (lambda m: _stderr(f"eval: {redact(m)}"))
+    task_names = list(dict.fromkeys(tasks))
+    if not task_names:
+        raise ConfigError("--tasks: give at least one of gsm8k, humaneval, mbpp")
+    if judge not in JUDGES:
+        raise ConfigError(f"--judge {judge!r}: choose exact or llm")
+    if judge == "llm" and not reference:
+        raise ConfigError("--judge llm compares two answers: pass --reference (predictions, model or openai:MODEL)")
+    if judge == "llm" and not judge_model:
+        raise ConfigError("--judge llm needs --judge-model (e.g. gpt-4o, served at --endpoint / OPENAI_BASE_URL)")
+    if few_shot < 0 or max_new_tokens < 1 or batch_size < 1:
+        raise ConfigError("--few-shot must be >= 0, --max-new-tokens and --batch-size >= 1")
+    out = Path(out)
+    data = dict(data or {})
+    items, conversations, data_info = _load_items(task_names, data, n, seed, few_shot)
+    if not items:
+        raise DataError(f"no items to evaluate for {', '.join(task_names)} (empty data or --n 0)")
+
+    _prepare_out(out, overwrite, log)
+    policy = retry or RetryPolicy()
+    budget = RetryBudget(policy.budget)
+    gen_cache = ResponseCache(out / "cache" / "generations.jsonl")
+    judge_cache = ResponseCache(out / "cache" / "judgments.jsonl")
+    common = dict(tasks=task_names, base=base, endpoint=endpoint, api_model=api_model, gen_cache=gen_cache,
+                  policy=policy, budget=budget, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  api_workers=api_workers)
+    candidate = _side(model, "candidate", **common)
+    ref_side = _side(reference, "reference", **common) if reference else None
+    llm_judge = None
+    if judge == "llm":
+        judge_ep = ChatEndpoint(parse_endpoint_spec(judge_model if is_endpoint_spec(judge_model) else
+                                                    f"openai:{judge_model}", endpoint=endpoint),
+                                policy=policy, budget_counter=budget)
+        llm_judge = LLMJudge(judge_ep, judge_cache, max_tokens=judge_max_tokens)
+    log(f"{len(items)} items ({', '.join(f'{t}={sum(1 for it in items if it.task == t)}' for t in task_names)}); "
+        f"cache: {len(gen_cache)} answers, {len(judge_cache)} judgments")
+
+    cand = candidate.complete(items, conversations, log)
+    ref = ref_side.complete(items, conversations, log) if ref_side else None
+    log("checking answers")
+    cand_checks = _check_side(items, cand, workers, timeout)
+    ref_checks = _check_side(items, ref, workers, timeout) if ref else None
+
+    judgments = None
+    if llm_judge is not None:
+        def judge_one(i):
+            if cand.texts[i] is None or ref.texts[i] is None:
+                return None
+            it = items[i]
+            return llm_judge.judge(it.prompt, cand.texts[i], ref.texts[i], gold_text(it))
+        judgments = run_concurrently(judge_one, list(range(len(items))), api_workers, log,
+                                     f"{llm_judge.model}: judging")
+
+    rows = [_row(i, items, cand_checks, ref_checks, judgments, llm_judge) for i in range(len(items))]
+    endpoints = {s.label: s.endpoint.stats.as_dict() for s in (candidate, ref_side) if isinstance(s, EndpointSide)}
+    if llm_judge is not None:
+        endpoints[f"judge {llm_judge.model}"] = llm_judge.endpoint.stats.as_dict()
+    summary = summarize(rows, task_names)
+    for task in task_names:
+        summary["tasks"][task].update(data_info[task])
+    summary = {
+        "model": candidate.label, "reference": ref_side.label if ref_side else None,
+        "judge": {"kind": "exact"} if judge == "exact" else
+                 {"kind": "llm", "model": llm_judge.model, "orders": 2, "disagreement": "tie",
+                  "base_url": safe_url(llm_judge.endpoint.spec.base_url)},
+        "tasks": summary["tasks"],
+        "candidate": candidate.info(), "reference_info": ref_side.info() if ref_side else None,
+        "n": n, "seed": seed, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
+        "endpoints": endpoints, "retries_used": budget.used,
+        "cogumi_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_jsonl(out / "results.jsonl", rows)
+    atomic_write_json(out / "summary.json", summary)  # last: its presence marks a finished run
+    log(f"wrote {out / 'results.jsonl'} and {out / 'summary.json'}")
+    return summary
+
+
+def _row(i, items, cand_checks, ref_checks, judgments, llm_judge) -> dict:
+    it = items[i]
+    c = cand_checks[i]
+    r = ref_checks[i] if ref_checks else None
+    outcome = tie_kind = judge_record = None
+    if r is not None:
+        if llm_judge is None:
+            outcome, tie_kind = exact_outcome(c["correct"], r["correct"])
+        else:
+            j = judgments[i]
+            if j is not None:
+                outcome = j.outcome
+                judge_record = j.as_record(llm_judge.model)
+                if outcome == "tie" and c["correct"] is not None and c["correct"] == r["correct"]:
+                    tie_kind = "both_right" if c["correct"] else "both_wrong"
+            else:
+                judge_record = {"kind": "llm", "model": llm_judge.model, "outcome": None,
+                                "infra_error": "not judged: an answer is missing"}
+    return {"task": it.task, "task_id": it.task_id, "prompt": it.prompt, "gold": it.gold,
+            "completion": c["completion"], "extracted": c["extracted"], "correct": c["correct"],
+            "reason": c["reason"], "infra_error": c["infra_error"],
+            "reference": r, "outcome": outcome, "tie_kind": tie_kind, "judge": judge_record}
+
+
+def _ci(k: int, n: int):
+    return list(wilson_interval(k, n)) if n else None
+
+
+def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
+    """Per-task counts, rates and 95% Wilson intervals (docs/design.md's summary.json ``tasks``)."""
+    task_names = task_names or list(dict.fromkeys(r["task"] for r in rows))
+    tasks = {}
+    for task in task_names:
+        rs = [r for r in rows if r["task"] == task]
+        with_ref = [r for r in rs if r.get("reference") is not None]
+        count = lambda pred: sum(1 for r in rs if pred(r))  # noqa: E731
+        wins, losses = count(lambda r: r["outcome"] == "win"), count(lambda r: r["outcome"] == "loss")
+        ties = count(lambda r: r["outcome"] == "tie")
+        judged = wins + ties + losses
+        checked = count(lambda r: r["correct"] is not None)
+        correct = count(lambda r: r["correct"] is True)
+        ref_checked = sum(1 for r in with_ref if r["reference"]["correct"] is not None)
+        ref_correct = sum(1 for r in with_ref if r["reference"]["correct"] is True)
+        # With a reference: items left without a verdict; without one: candidate answers left unchecked.
+        infra = sum(1 for r in with_ref if r["outcome"] is None) if with_ref else len(rs) - checked
+        rate = lambda k: (k / judged) if judged else None  # noqa: E731
+        tasks[task] = {
+            "n": len(rs), "correct": correct, "checked": checked,
+            "wins": wins, "ties": ties,
+            "ties_both_right": count(lambda r: r["tie_kind"] == "both_right"),
+            "ties_both_wrong": count(lambda r: r["tie_kind"] == "both_wrong"),
+            "losses": losses, "judged": judged, "infra_errors": infra,
+            "judge_disagreements": count(lambda r: (r.get("judge") or {}).get("consistent") is False),
+            "win_rate": rate(wins), "tie_rate": rate(ties), "loss_rate": rate(losses),
+            "win_ci": _ci(wins, judged), "tie_ci": _ci(ties, judged), "loss_ci": _ci(losses, judged),
+            "accuracy": correct / checked if checked else None, "accuracy_ci": _ci(correct, checked),
+            "reference_correct": ref_correct if with_ref else None,
+            "reference_accuracy": ref_correct / ref_checked if ref_checked else None,
+        }
+    return {"tasks": tasks}
+
