@@ -1,0 +1,270 @@
+"""The pipeline engine (stage records, input hashes, resume, stop on red flags) with small fake stages,
+and plan validation. The end-to-end runs on the tiny model live in test_demo.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cogumi.errors import ConfigError, CogumiError, GateFailed, RedFlagError
+from cogumi.pipeline import Engine, Stage, StageSkipped, _RunLock, load_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_stages(calls: dict, config: dict | None = None, fail: dict | None = None) -> list[Stage]:
+    """source -> double -> report: each writes a file derived from its input."""
+    config = config or {}
+    fail = fail or {}
+
+    def source(ctx):
+        calls["source"] = calls.get("source", 0) + 1
+        out = ctx.dir / "numbers.txt"
+        out.write_text(" ".join(str(i) for i in range(config.get("n", 5))))
+        ctx.output("numbers", out)
+        return {"n": config.get("n", 5)}
+
+    def double(ctx):
+        calls["double"] = calls.get("double", 0) + 1
+        if "double" in fail:
+            raise fail["double"]
+        nums = [int(x) for x in ctx.input("source", "numbers").read_text().split()]
+        out = ctx.dir / "doubled.txt"
+        out.write_text(" ".join(str(2 * i) for i in nums))
+        ctx.output("doubled", out)
+        return {"sum": sum(2 * i for i in nums)}
+
+    def report(ctx):
+        calls["report"] = calls.get("report", 0) + 1
+        text = ctx.input("double", "doubled").read_text()
+        out = ctx.dir / "report.txt"
+        out.write_text(f"{config.get('title', 'report')}: {text}")
+        ctx.output("report", out)
+
+    return [Stage(1, "source", "make numbers", source, config={"n": config.get("n", 5)}),
+            Stage(2, "double", "double them", double, needs=("source",)),
+            Stage(3, "report", "write a report", report, config={"title": config.get("title", "report")},
+                  needs=("double",))]
+
+
+def run(tmp_path, calls, *, resume=False, **kw):
+    eng = Engine(make_stages(calls, **kw), tmp_path / "run", log=lambda *_: None, gpu_hourly_usd=3.6)
+    return eng.run(resume=resume)
+
+
+def test_records_summary_and_outputs(tmp_path):
+    calls = {}
+    summary = run(tmp_path, calls)
+    assert summary["status"] == "done" and calls == {"source": 1, "double": 1, "report": 1}
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("source", "done"), ("double", "done"),
+                                                                      ("report", "done")]
+    assert all(isinstance(s["seconds"], float) for s in summary["stages"])
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["stages"] == summary["stages"]
+    rec = json.loads((tmp_path / "run" / "stages" / "02-double" / "stage.json").read_text())
+    assert rec["status"] == "done" and rec["metrics"] == {"sum": 20}
+    assert rec["outputs"]["doubled"]["path"] == "stages/02-double/doubled.txt"
+    assert rec["outputs"]["doubled"]["hash"].startswith("sha256:")
+    assert rec["inputs"]["upstream"]["source"]["outputs"]["numbers"].startswith("sha256:")
+    assert not (tmp_path / "run" / "stages" / "02-double" / "started.json").exists()
+    assert "make numbers" in (tmp_path / "run" / "stages" / "01-source" / "log.txt").read_text()
+
+
+def test_resume_reuses_unchanged_and_reruns_what_changed(tmp_path):
+    calls = {}
+    run(tmp_path, calls)
+    summary = run(tmp_path, calls, resume=True)
+    assert calls == {"source": 1, "double": 1, "report": 1}
+    assert all(s["reused"] for s in summary["stages"])
+    # a changed title reruns only the report
+    run(tmp_path, calls, resume=True, config={"title": "new"})
+    assert calls == {"source": 1, "double": 1, "report": 2}
+    # a changed source reruns everything downstream of it (their inputs' hashes changed)
+    run(tmp_path, calls, resume=True, config={"title": "new", "n": 3})
+    assert calls == {"source": 2, "double": 2, "report": 3}
+    assert (tmp_path / "run/stages/03-report/report.txt").read_text() == "new: 0 2 4"
+    # an artifact changed on disk since its stage completed -> that stage runs again
+    (tmp_path / "run/stages/02-double/doubled.txt").write_text("tampered")
+    run(tmp_path, calls, resume=True, config={"title": "new", "n": 3})
+    assert calls["double"] == 3 and calls["source"] == 2
+    assert (tmp_path / "run/stages/03-report/report.txt").read_text() == "new: 0 2 4"
+
+
+def test_existing_run_needs_resume(tmp_path):
+    run(tmp_path, {})
+    with pytest.raises(CogumiError, match="already holds a run.*--resume"):
+        run(tmp_path, {})
+
+
+@pytest.mark.parametrize("exc,status", [(RedFlagError("NaN weights in adapter"), "red_flag"),
+                                        (GateFailed("gsm8k_ties 20% is below 60%"), "gate_failed")])
+def test_red_flag_or_failed_gate_stops_with_reason_and_fix(tmp_path, exc, status):
+    calls = {}
+    with pytest.raises(type(exc)) as info:
+        run(tmp_path, calls, fail={"double": exc})
+    msg = str(info.value)
+    assert "stopped at stage 02-double" in msg and str(exc) in msg and "What to do:" in msg and "--resume" in msg
+    assert info.value.exit_code == 1
+    assert "report" not in calls
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["stopped_at"] == "double"
+    assert [s["status"] for s in summary["stages"]] == ["done", status, "pending"]
+    assert str(exc) in summary["reason"] and summary["fix"]
+    # fixed: --resume reuses the first stage and runs the rest
+    summary = run(tmp_path, calls, resume=True)
+    assert calls == {"source": 1, "double": 2, "report": 1} and summary["status"] == "done"
+
+
+def test_skipped_stage_skips_what_needs_it(tmp_path):
+    def nothing(ctx):
+        raise StageSkipped("nothing to learn")
+
+    def after(ctx):
+        raise AssertionError("must not run")
+
+    def uses_optional(ctx):
+        return {"has": ctx.has_input("a", "x")}
+
+    stages = [Stage(1, "a", "a", nothing), Stage(2, "b", "b", after, needs=("a",)),
+              Stage(3, "c", "c", uses_optional, needs=("a",), optional=("a",)),
+              Stage(4, "d", "d", after, enabled=False, disabled_reason="off")]
+    summary = Engine(stages, tmp_path / "r", log=lambda *_: None).run(resume=False)
+    assert [(s["name"], s["status"]) for s in summary["stages"]] == [("a", "skipped"), ("b", "skipped"),
+                                                                      ("c", "done"), ("d", "disabled")]
+    rec = json.loads((tmp_path / "r/stages/02-b/stage.json").read_text())
+    assert "a did not run" in rec["reason"]
+
+
+def test_lock_refuses_a_second_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    with _RunLock(tmp_path / "run"):
+        with pytest.raises(CogumiError, match="another cogumi pipeline is running"):
+            run(tmp_path, {})
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from cogumi.pipeline import Engine, Stage
+
+    run_dir = Path(sys.argv[1])
+
+    def slow(ctx):
+        # a stage that resumes from its own progress file (like training from a checkpoint)
+        prog = ctx.dir / "progress"
+        prog.mkdir(exist_ok=True)
+        done = sorted(int(p.name) for p in prog.iterdir())
+        junk_seen = (ctx.dir / "junk.tmp").exists()     # a killed attempt's leftovers must be gone
+        (ctx.dir / "junk.tmp").write_text("half-written")
+        for i in range(len(done), 4):
+            (prog / str(i)).write_text(str(i * i))
+        out = ctx.dir / "result.json"
+        out.write_text(json.dumps({"squares": [int((prog / str(i)).read_text()) for i in range(4)],
+                                   "resumed_with": done, "junk_seen": junk_seen}))
+        ctx.output("result", out)
+
+    def last(ctx):
+        out = ctx.dir / "final.txt"
+        out.write_text(ctx.input("slow", "result").read_text())
+        ctx.output("final", out)
+
+    stages = [Stage(1, "slow", "slow", slow, keep_on_restart=("progress",)),
+              Stage(2, "last", "last", last, needs=("slow",))]
+    Engine(stages, run_dir, log=print).run(resume="--resume" in sys.argv)
+""")
+
+
+@pytest.mark.parametrize("kill_at", ["slow", "slow:end", "last"])
+def test_kill9_then_resume(tmp_path, kill_at):
+    script = tmp_path / "pipe.py"
+    script.write_text(SCRIPT)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "COGUMI_FAULT_KILL_AT": kill_at}
+    p = subprocess.run([sys.executable, str(script), str(run_dir)], env=env, capture_output=True, text=True)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    name = kill_at.split(":")[0]
+    sdir = next((run_dir / "stages").glob(f"*-{name}"))
+    assert (sdir / "started.json").exists() and not (sdir / "stage.json").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "running"
+    env.pop("COGUMI_FAULT_KILL_AT")
+    # without --resume the half-done run is refused, not overwritten
+    p = subprocess.run([sys.executable, str(script), str(run_dir)], env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "--resume" in p.stderr
+    p = subprocess.run([sys.executable, str(script), str(run_dir), "--resume"], env=env, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    final = json.loads((run_dir / "stages/02-last/final.txt").read_text())
+    assert final["squares"] == [0, 1, 4, 9] and not final["junk_seen"]
+    assert final["resumed_with"] == ([0, 1, 2, 3] if kill_at == "slow:end" else [])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [s["status"] for s in summary["stages"]] == ["done", "done"]
+    if name == "slow":
+        assert summary["stages"][0]["restarted"] and "restarting it" in p.stdout
+    else:
+        assert summary["stages"][0]["reused"]
+
+
+# ---------------------------------------------------------------------------------------------
+# plan validation
+# ---------------------------------------------------------------------------------------------
+
+def write_plan(tmp_path, text: str) -> Path:
+    (tmp_path / "run.yaml").write_text("base_model: base\noutput_dir: out\ndata: {train: data.jsonl}\n")
+    (tmp_path / "crit.yaml").write_text("criteria:\n  - {name: acc, tasks: [gsm8k], metric: accuracy, min: 0.1}\n")
+    (tmp_path / "ref.jsonl").write_text("")
+    p = tmp_path / "plan.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+GOOD = textwrap.dedent("""
+    name: t
+    phase1a: {config: run.yaml}
+    validation:
+      tasks: {gsm8k: {n: 5}}
+      reference: ref.jsonl
+    gate: {criteria: crit.yaml}
+    mining:
+      tasks: {gsm8k: {split: train}}
+    phase1b:
+      train: {config: run.yaml}
+""")
+
+
+def test_plan_loads_and_resolves_paths(tmp_path):
+    plan = load_plan(write_plan(tmp_path, GOOD))
+    assert Path(plan.phase1a.config).is_absolute() and plan.validation.tasks["gsm8k"].n == 5
+    assert plan.mining.tasks["gsm8k"].split == "train" and Path(plan.gate.criteria).is_absolute()
+    plan = load_plan(tmp_path / "plan.yaml", ["validation.tasks.gsm8k.n=7", "phase1b.enabled=false"])
+    assert plan.validation.tasks["gsm8k"].n == 7 and not plan.phase1b.enabled
+
+
+@pytest.mark.parametrize("edit,message", [
+    (("name: t", "name: t\nbogus: 1"), "unknown key 'bogus'"),
+    (("phase1a: {config: run.yaml}", "phase1a: {config: run.yaml, lr: 1}"), "unknown key 'phase1a.lr'"),
+    (("{gsm8k: {n: 5}}", "{gsm8k: {n: 5, size: 2}}"), "unknown key 'validation.tasks.gsm8k.size'"),
+    (("{gsm8k: {n: 5}}", "{gsm8k: {n: five}}"), "'validation.tasks.gsm8k.n' must be"),
+    (("{gsm8k: {n: 5}}", "{math: {n: 5}}"), "unknown task 'validation.tasks.math'"),
+    (("{gsm8k: {split: train}}", "{gsm8k: {split: test}}"), "mining.tasks.gsm8k.split.*TRAIN splits"),
+    (("criteria: crit.yaml", "criteria: missing.yaml"), "gate.criteria.*does not exist"),
+    (("reference: ref.jsonl", "reference: nope/ref.jsonl"), "validation.reference.*does not exist"),
+    (("phase1a: {config: run.yaml}", "phase1a: {}"), "phase1a.config' is required"),
+])
+def test_plan_errors_name_the_key(tmp_path, edit, message):
+    p = write_plan(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(ConfigError, match=message):
+        load_plan(p)
+
+
+def test_inline_criteria_are_validated(tmp_path):
+    bad = GOOD.replace("criteria: crit.yaml", "criteria: {criteria: [{name: x, tasks: [gsm8k], metric: nope, min: 0}]}")
+    with pytest.raises(ConfigError, match="unknown metric 'nope'"):
+        load_plan(write_plan(tmp_path, bad))
