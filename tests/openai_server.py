@@ -15,7 +15,8 @@ serves normally), or chosen by ``server.fault_rule(record)``:
   ``truncated`` (a 200 whose JSON body is cut in half, with a matching Content-Length),
   ``schema`` (a 200 with valid JSON that is not a chat completion), ``drop`` (close the socket
   without answering), ``401``. ``server.down_after = K`` drops every request after the K-th
-  successful answer (the service "dies": deterministic interruption); set it back to None to revive.
+  request let through to a normal answer (the service "dies": deterministic interruption, also with
+concurrent clients); ``revive()`` brings it back.
 
 Every chat request is logged (model, content key = sha256 of the messages, fault, status) so tests
 can assert, e.g., that each judge prompt got exactly one successful answer across a resumed run.
@@ -61,6 +62,7 @@ class FakeOpenAIServer:
         self.faults: deque = deque()
         self.fault_rule: Callable[[RequestRecord], Fault | None] | None = None
         self.down_after: int | None = None
+        self._admitted = 0          # requests let through to a normal answer (what down_after counts)
         self.log: list[RequestRecord] = []
         self.headers_seen: list[dict] = []
         self._lock = threading.Lock()
@@ -90,6 +92,20 @@ class FakeOpenAIServer:
     def __exit__(self, *exc):
         self.stop()
 
+    def revive(self) -> None:
+        with self._lock:
+            self.down_after = None
+
+    def reset(self) -> None:
+        """Forget faults, counts and the log (between tests sharing one server)."""
+        with self._lock:
+            self.faults.clear()
+            self.fault_rule = None
+            self.down_after = None
+            self._admitted = 0
+            self.log.clear()
+            self.headers_seen.clear()
+
     # ------------------------------------------------------------------ counts
     def successes(self) -> int:
         with self._lock:
@@ -109,12 +125,16 @@ class FakeOpenAIServer:
 
     # ------------------------------------------------------------------ serving
     def _next_fault(self, record: RequestRecord) -> Fault | None:
+        # Decided under one lock, so concurrent clients cannot both slip in under ``down_after``.
         with self._lock:
-            if self.down_after is not None and sum(1 for r in self.log if r.status == 200) >= self.down_after:
+            if self.down_after is not None and self._admitted >= self.down_after:
                 return Fault("drop")
-            if self.faults:
-                return self.faults.popleft()
-        return self.fault_rule(record) if self.fault_rule else None
+            fault = self.faults.popleft() if self.faults else None
+            if fault is None and self.fault_rule is not None:
+                fault = self.fault_rule(record)
+            if fault is None:
+                self._admitted += 1
+            return fault
 
     def _handler_class(self):
         server = self
@@ -146,7 +166,7 @@ class FakeOpenAIServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
-                    server.headers_seen.append(dict(self.headers))
+                    server.headers_seen.append({k.lower(): v for k, v in self.headers.items()})
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     return self._send_json(404, {"error": {"message": f"no route {self.path}"}})
                 model = body.get("model", "")

@@ -73,13 +73,16 @@ class PredictionsSide:
     def info(self) -> dict:
         return {"kind": self.kind, "path": str(self.path)}
 
-    def complete(self, items, conversations, log) -> Completions:
+    def check_covers(self, items) -> None:
         missing = [f"{it.task}/{it.task_id}" for it in items if (it.task, it.task_id) not in self.table]
         if missing:
             shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
             raise DataError(f"{self.path}: no prediction for {len(missing)} of the {len(items)} sampled items: "
                             f"{shown}. Predictions must cover every item; check that --n/--seed/--data match how "
                             f"they were made (GSM8K ids are 0-based row indexes of the data file).")
+
+    def complete(self, items, conversations, log) -> Completions:
+        self.check_covers(items)
         texts = [self.table[(it.task, it.task_id)] for it in items]
         return Completions(texts, [None if t is not None else "no completion in the predictions file" for t in texts])
 
@@ -128,9 +131,9 @@ class EndpointSide:
 
     kind = "endpoint"
 
-    def __init__(self, endpoint: ChatEndpoint, cache: ResponseCache, *, max_new_tokens: int, workers: int):
+    def __init__(self, endpoint: ChatEndpoint, *, max_new_tokens: int, workers: int):
         self.endpoint = endpoint
-        self.cache = cache
+        self.cache: ResponseCache | None = None  # set once OUT is ready
         self.max_new_tokens = max_new_tokens
         self.workers = workers
         self.label = endpoint.spec.label
@@ -154,10 +157,10 @@ class LocalModelSide:
 
     kind = "local"
 
-    def __init__(self, model: str, base: str | None, cache: ResponseCache, *, max_new_tokens: int, batch_size: int):
+    def __init__(self, model: str, base: str | None, *, max_new_tokens: int, batch_size: int):
         self.model = model
         self.base = base
-        self.cache = cache
+        self.cache: ResponseCache | None = None  # set once OUT is ready
         self.max_new_tokens = max_new_tokens
         self.batch_size = max(1, batch_size)
         self.label = model
@@ -303,24 +306,23 @@ def _prepare_out(out: Path, overwrite: bool, log) -> None:
 
 
 def _side(spec: str, role: str, *, tasks: list[str], base: str | None, endpoint: str | None, api_model: str | None,
-          gen_cache: ResponseCache, policy: RetryPolicy, budget: RetryBudget, max_new_tokens: int,
-          batch_size: int, api_workers: int):
+          policy: RetryPolicy, budget: RetryBudget, max_new_tokens: int, batch_size: int, api_workers: int):
     if is_endpoint_spec(spec):
         ep = ChatEndpoint(parse_endpoint_spec(spec, endpoint=endpoint, api_model=api_model), policy=policy,
                           budget_counter=budget)
-        return EndpointSide(ep, gen_cache, max_new_tokens=max_new_tokens, workers=api_workers)
+        return EndpointSide(ep, max_new_tokens=max_new_tokens, workers=api_workers)
     p = Path(spec).expanduser()
     if p.is_file():
         return PredictionsSide(str(p), tasks)
     if p.is_dir():
         if (p / "config.json").exists() or (p / "adapter_config.json").exists():
-            return LocalModelSide(str(p), base if role == "candidate" else None, gen_cache,
+            return LocalModelSide(str(p), base if role == "candidate" else None,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
         return PredictionsSide(str(p), tasks)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise CogumiError(f"{role} {spec!r}: no such file or directory (expected a model dir, an adapter dir, "
                           f"a hub id like org/name, openai:MODEL, or a predictions file)")
-    return LocalModelSide(spec, base if role == "candidate" else None, gen_cache,
+    return LocalModelSide(spec, base if role == "candidate" else None,
                           max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
@@ -407,22 +409,29 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
     if not items:
         raise DataError(f"no items to evaluate for {', '.join(task_names)} (empty data or --n 0)")
 
-    _prepare_out(out, overwrite, log)
+    # Everything that can be checked without generating is checked before OUT is touched.
     policy = retry or RetryPolicy()
     budget = RetryBudget(policy.budget)
-    gen_cache = ResponseCache(out / "cache" / "generations.jsonl")
-    judge_cache = ResponseCache(out / "cache" / "judgments.jsonl")
-    common = dict(tasks=task_names, base=base, endpoint=endpoint, api_model=api_model, gen_cache=gen_cache,
-                  policy=policy, budget=budget, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                  api_workers=api_workers)
+    common = dict(tasks=task_names, base=base, endpoint=endpoint, api_model=api_model, policy=policy,
+                  budget=budget, max_new_tokens=max_new_tokens, batch_size=batch_size, api_workers=api_workers)
     candidate = _side(model, "candidate", **common)
     ref_side = _side(reference, "reference", **common) if reference else None
-    llm_judge = None
+    for side in (candidate, ref_side):
+        if isinstance(side, PredictionsSide):
+            side.check_covers(items)
+    judge_ep = None
     if judge == "llm":
         judge_ep = ChatEndpoint(parse_endpoint_spec(judge_model if is_endpoint_spec(judge_model) else
                                                     f"openai:{judge_model}", endpoint=endpoint),
                                 policy=policy, budget_counter=budget)
-        llm_judge = LLMJudge(judge_ep, judge_cache, max_tokens=judge_max_tokens)
+
+    _prepare_out(out, overwrite, log)
+    gen_cache = ResponseCache(out / "cache" / "generations.jsonl")
+    judge_cache = ResponseCache(out / "cache" / "judgments.jsonl")
+    for side in (candidate, ref_side):
+        if isinstance(side, (EndpointSide, LocalModelSide)):
+            side.cache = gen_cache
+    llm_judge = LLMJudge(judge_ep, judge_cache, max_tokens=judge_max_tokens) if judge_ep else None
     log(f"{len(items)} items ({', '.join(f'{t}={sum(1 for it in items if it.task == t)}' for t in task_names)}); "
         f"cache: {len(gen_cache)} answers, {len(judge_cache)} judgments")
 

@@ -1,0 +1,294 @@
+"""`cogumi eval` end to end: the tiny model, predictions, an LLM judge over loopback HTTP with faults,
+interruption and resume (each item generated and judged exactly once), position bias, secrets."""
+
+import json
+from pathlib import Path
+
+import pytest
+from openai_server import (FakeOpenAIServer, Fault, prefer_first, prefer_matching_reference, scripted_judge,
+                           tiny_model_responder)
+
+from cogumi.cli import main
+from cogumi.errors import CogumiError, ConfigError, DataError
+from cogumi.evaluation import generate as generate_mod
+from cogumi.evaluation.endpoint import EndpointUnavailable, RetryPolicy, ResponseCache
+from cogumi.evaluation.judge import exact_outcome, pair_messages
+from cogumi.evaluation.runner import gold_text, run_eval
+from cogumi.evaluation.tasks import load_task
+from cogumi.tiny import synthetic_gsm8k, synthetic_mbpp, write_jsonl
+
+KEY = "sk-eval-secret-7f3a9c2e5b1d4680"
+FAST = RetryPolicy(base_delay=0.001, max_attempts=3, budget=60, request_timeout=1.0)
+PATIENT = RetryPolicy(base_delay=0.001, max_attempts=6, budget=60, request_timeout=1.0)
+
+
+@pytest.fixture
+def gsm(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "gsm8k.jsonl", synthetic_gsm8k("test"))
+
+
+def reference_file(tmp_path, gsm, right=lambda i: i % 2 == 0, name="ref.jsonl") -> Path:
+    """Reference predictions: the gold answer where right(i), a wrong number elsewhere."""
+    rows = [json.loads(line) for line in gsm.read_text().splitlines()]
+    return write_jsonl(tmp_path / name, [
+        {"task_id": str(i), "completion": r["answer"] if right(i) else "The answer is\n#### 99999"}
+        for i, r in enumerate(rows)])
+
+
+def rows_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def assert_summary_matches_rows(out: Path):
+    summary = json.loads((out / "summary.json").read_text())
+    rows = rows_of(out)
+    for task, t in summary["tasks"].items():
+        rs = [r for r in rows if r["task"] == task]
+        assert t["n"] == len(rs)
+        for key, outcome in (("wins", "win"), ("ties", "tie"), ("losses", "loss")):
+            assert t[key] == sum(r["outcome"] == outcome for r in rs)
+        assert t["judged"] == t["wins"] + t["ties"] + t["losses"]
+        assert t["infra_errors"] == sum(r["outcome"] is None for r in rs)
+        assert t["correct"] == sum(r["correct"] is True for r in rs)
+        if t["judged"]:
+            assert t["tie_rate"] == pytest.approx(t["ties"] / t["judged"])
+            assert 0 <= t["tie_ci"][0] <= t["tie_rate"] <= t["tie_ci"][1] <= 1
+    return summary, rows
+
+
+def assert_no_secret(out: Path, *texts: str):
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert KEY not in f.read_text(errors="replace"), f"API key leaked into {f}"
+    for text in texts:
+        assert KEY not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the tiny model, exact judge
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_eval_on_the_tiny_model(tiny_base, gsm, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    ref = reference_file(tmp_path, gsm)
+    code = main(["eval", str(tiny_base), "--tasks", "gsm8k", "--data", f"gsm8k={gsm}", "--n", "8", "--seed", "3",
+                 "--reference", str(ref), "--out", str(out), "--max-new-tokens", "8", "--batch-size", "4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary, rows = assert_summary_matches_rows(out)
+    assert len(rows) == 8
+    assert [r["task_id"] for r in rows] == [it.task_id for it in load_task("gsm8k", str(gsm), n=8, seed=3)]
+    for r in rows:
+        assert isinstance(r["completion"], str) and r["judge"] is None
+        assert r["reference"]["correct"] is (int(r["task_id"]) % 2 == 0)
+        assert (r["outcome"], r["tie_kind"]) == exact_outcome(r["correct"], r["reference"]["correct"])
+    assert summary["tasks"]["gsm8k"]["reference_correct"] == sum(int(r["task_id"]) % 2 == 0 for r in rows)
+    assert summary["candidate"]["dtype"] == "bfloat16" == summary["candidate"]["config_dtype"]  # own dtype
+    assert summary["candidate"]["quantized"] is None
+    assert summary["tasks"]["gsm8k"]["data_sha256"]
+    assert "gsm8k" in captured.out and "wins" in captured.out and "95% Wilson" in captured.out
+    assert len(ResponseCache(out / "cache" / "generations.jsonl")) == 8
+
+    # finished runs are not overwritten by accident ...
+    again = ["eval", str(tiny_base), "--tasks", "gsm8k", "--data", f"gsm8k={gsm}", "--n", "8", "--seed", "3",
+             "--reference", str(ref), "--out", str(out), "--max-new-tokens", "8"]
+    assert main(again) == 2 and "--overwrite" in capsys.readouterr().err
+    # ... and with --overwrite every answer comes from the cache: the model is not even loaded.
+    def no_loading(*a, **k):
+        raise AssertionError("model loaded although every answer is cached")
+    monkeypatch.setattr(generate_mod, "load_candidate", no_loading)
+    assert main(again + ["--overwrite"]) == 0
+    assert rows_of(out) == rows
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 / Ctrl-C: a BaseException nothing in cogumi may swallow."""
+
+
+def test_local_generation_resumes_after_interrupt(tiny_base, gsm, tmp_path, monkeypatch):
+    calls = []
+    kill_armed = True
+    real = generate_mod.generate_completions
+
+    def interrupting(model, tok, conversations, **kw):
+        calls.append(len(conversations))
+        if len(calls) == 2 and kill_armed:
+            raise Killed  # a dying machine, between two chunks
+        return real(model, tok, conversations, **kw)
+
+    monkeypatch.setattr(generate_mod, "generate_completions", interrupting)
+    out = tmp_path / "run"
+    kwargs = dict(tasks=["gsm8k"], out=out, n=10, data={"gsm8k": str(gsm)}, max_new_tokens=4, batch_size=1,
+                  reference=str(reference_file(tmp_path, gsm)), log=lambda m: None)
+    with pytest.raises(Killed):
+        run_eval(str(tiny_base), **kwargs)
+    assert not (out / "results.jsonl").exists() and not (out / "summary.json").exists()
+    assert len(ResponseCache(out / "cache" / "generations.jsonl")) == 4   # the first chunk (4 x batch 1)
+    assert calls == [4, 4]
+    calls.clear()
+    kill_armed = False
+    summary = run_eval(str(tiny_base), **kwargs)
+    assert calls == [4, 2]                                                 # only the 6 missing answers
+    assert summary["tasks"]["gsm8k"]["n"] == 10
+
+
+def test_exact_judge_known_outcomes_from_predictions(gsm, tmp_path, capsys):
+    # candidate right on ids 0-4, reference right on even ids -> per id in 0..9:
+    cand = reference_file(tmp_path, gsm, right=lambda i: i < 5, name="cand.jsonl")
+    ref = reference_file(tmp_path, gsm, right=lambda i: i % 2 == 0)
+    out = tmp_path / "run"
+    summary = run_eval(str(cand), tasks=["gsm8k"], out=out, data={"gsm8k": str(gsm)}, reference=str(ref),
+                       log=lambda m: None)
+    t = summary["tasks"]["gsm8k"]
+    ids = range(30)
+    wins = sum(i < 5 and i % 2 for i in ids)
+    losses = sum(i >= 5 and i % 2 == 0 for i in ids)
+    both_right = sum(i < 5 and i % 2 == 0 for i in ids)
+    assert (t["wins"], t["losses"], t["ties_both_right"], t["ties_both_wrong"]) == \
+        (wins, losses, both_right, 30 - wins - losses - both_right)
+    assert (t["accuracy"], t["reference_accuracy"]) == (5 / 30, 15 / 30)
+    assert_summary_matches_rows(out)
+
+
+def test_predictions_dir_and_task_field(gsm, tmp_path):
+    preds = tmp_path / "preds"
+    reference_file(preds, gsm, name="gsm8k.jsonl")
+    out = run_eval(str(reference_file(tmp_path, gsm, right=lambda i: True, name="c.jsonl")), tasks=["gsm8k"],
+                   out=tmp_path / "a", data={"gsm8k": str(gsm)}, reference=str(preds), log=lambda m: None)
+    assert out["tasks"]["gsm8k"]["wins"] == 15 and out["tasks"]["gsm8k"]["ties_both_right"] == 15
+    # an eval's own results.jsonl works as a predictions file (rows carry "task")
+    again = run_eval(str(tmp_path / "a" / "results.jsonl"), tasks=["gsm8k"], out=tmp_path / "b",
+                     data={"gsm8k": str(gsm)}, reference=str(preds), log=lambda m: None)
+    assert again["tasks"] == {**out["tasks"]}
+
+
+def test_bad_inputs_are_clear_errors(gsm, tmp_path, capsys):
+    ref = reference_file(tmp_path, gsm)
+    partial = write_jsonl(tmp_path / "partial.jsonl", [json.loads(x) for x in ref.read_text().splitlines()][:20])
+    with pytest.raises(DataError, match=r"no prediction for 10 of the 30 sampled items: gsm8k/20"):
+        run_eval(str(ref), tasks=["gsm8k"], out=tmp_path / "o1", data={"gsm8k": str(gsm)}, reference=str(partial))
+    with pytest.raises(ConfigError, match="--judge llm compares two answers"):
+        run_eval(str(ref), tasks=["gsm8k"], out=tmp_path / "o2", data={"gsm8k": str(gsm)}, judge="llm")
+    with pytest.raises(ConfigError, match="'mbpp' is not among --tasks"):
+        run_eval(str(ref), tasks=["gsm8k"], out=tmp_path / "o3", data={"gsm8k": str(gsm), "mbpp": "x"})
+    mbpp = write_jsonl(tmp_path / "mbpp.jsonl", synthetic_mbpp("test"))
+    with pytest.raises(DataError, match="rows have no 'task' field but 2 tasks"):
+        run_eval(str(ref), tasks=["gsm8k", "mbpp"], out=tmp_path / "o4", data={"gsm8k": str(gsm), "mbpp": str(mbpp)})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"task_id": "0", "answer": "x"}])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: missing key 'completion'"):
+        run_eval(str(ref), tasks=["gsm8k"], out=tmp_path / "o5", data={"gsm8k": str(gsm)}, reference=str(bad))
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "precious.txt").write_text("keep")
+    with pytest.raises(CogumiError, match="not an eval run"):
+        run_eval(str(ref), tasks=["gsm8k"], out=stranger, data={"gsm8k": str(gsm)}, reference=str(ref))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))   # nothing written on bad input
+    assert main(["eval", "no/such/model/dir", "--tasks", "gsm8k", "--data", f"gsm8k={gsm}",
+                 "--out", str(tmp_path / "o6")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# endpoints and the LLM judge over loopback HTTP
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_base):
+    with FakeOpenAIServer(api_key=KEY, models={"tiny": tiny_model_responder(tiny_base)}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(shared_server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    srv = shared_server
+    srv.reset()
+    srv.models["judge"] = scripted_judge(prefer_matching_reference)
+    return srv
+
+
+def expected_llm_outcome(row, gold) -> str:
+    """What the scripted judge's rule says, both orders combined (MT-Bench: disagreement -> tie)."""
+    cand, ref = row["completion"], row["reference"]["completion"]
+    first = {"A": "win", "B": "loss", "C": "tie"}[prefer_matching_reference(cand, ref, gold)]
+    second = {"A": "loss", "B": "win", "C": "tie"}[prefer_matching_reference(ref, cand, gold)]
+    return first if first == second else "tie"
+
+
+def test_llm_judge_with_faults_interrupted_and_resumed_judges_each_item_once(server, gsm, tmp_path, capsys):
+    n = 6
+    out = tmp_path / "run"
+    logs: list[str] = []
+    kwargs = dict(tasks=["gsm8k"], out=out, n=n, data={"gsm8k": str(gsm)}, reference=str(reference_file(tmp_path, gsm)),
+                  judge="llm", judge_model="judge", endpoint=server.url, max_new_tokens=8, retry=PATIENT,
+                  api_workers=1, judge_max_tokens=64, log=logs.append)
+    # Every kind of fault on the way (one client, so each fault hits a known request and none outlasts
+    # the retries), then the service dies after n answers + 3 judgments.
+    server.faults.extend([Fault("429", retry_after="0.01"), None, Fault("500"), None, Fault("truncated"), None,
+                          Fault("schema"), Fault("drop"), None, Fault("stall", seconds=30), None,
+                          Fault("500", retry_after="0")])
+    server.down_after = n + 3
+    with pytest.raises(EndpointUnavailable, match="run the same command again"):
+        run_eval("openai:tiny", **kwargs)
+    assert not (out / "summary.json").exists() and not (out / "results.jsonl").exists()
+    assert len(ResponseCache(out / "cache" / "judgments.jsonl")) == 3
+    assert len(ResponseCache(out / "cache" / "generations.jsonl")) == n
+
+    server.revive()                                 # the service is back: resume with the same call
+    server.faults.extend([Fault("429", retry_after="0"), Fault("truncated"), Fault("500")])
+    summary = run_eval("openai:tiny", **{**kwargs, "api_workers": 3})
+
+    # exactly one successful answer per candidate prompt and per judge prompt (2 orders x n items)
+    assert sorted(server.ok_counts("tiny").values()) == [1] * n
+    assert sorted(server.ok_counts("judge").values()) == [1] * (2 * n)
+    assert summary["retries_used"] <= PATIENT.budget
+    failed = [r for r in server.records() if r.status != 200]
+    assert len(failed) <= 2 * PATIENT.budget          # each run stays within its retry budget
+    assert len(failed) >= 10 and {r.fault for r in failed} >= {"429", "500", "truncated", "schema", "drop", "stall"}
+
+    summary, rows = assert_summary_matches_rows(out)
+    items = {it.task_id: it for it in load_task("gsm8k", str(gsm), n=n)}
+    for r in rows:
+        assert r["judge"]["model"] == "openai:judge" and len(r["judge"]["verdicts"]) == 2
+        assert r["outcome"] == expected_llm_outcome(r, gold_text(items[r["task_id"]]))
+    assert summary["judge"] == {"kind": "llm", "model": "openai:judge", "orders": 2, "disagreement": "tie",
+                                "base_url": server.url}
+    assert_no_secret(out, "\n".join(logs), *capsys.readouterr())
+
+
+def test_position_biased_judge_gives_ties_not_wins_via_cli(server, gsm, tmp_path, capsys, monkeypatch):
+    server.models["judge"] = scripted_judge(prefer_first)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)          # base URL from the environment
+    cand = reference_file(tmp_path, gsm, right=lambda i: i < 15, name="cand.jsonl")
+    out = tmp_path / "run"
+    code = main(["eval", str(cand), "--tasks", "gsm8k", "--data", f"gsm8k={gsm}", "--n", "10",
+                 "--reference", str(reference_file(tmp_path, gsm)), "--judge", "llm", "--judge-model", "judge",
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary, rows = assert_summary_matches_rows(out)
+    t = summary["tasks"]["gsm8k"]
+    assert (t["wins"], t["losses"], t["ties"], t["judge_disagreements"]) == (0, 0, 10, 10)
+    assert all(r["judge"]["verdicts"] == ["A", "A"] and r["judge"]["consistent"] is False for r in rows)
+    assert "judge orders disagreed 10" in captured.out
+    assert_no_secret(out, captured.out, captured.err)
+
+
+def test_endpoint_candidate_item_refused_is_an_infra_error(server, gsm, tmp_path):
+    server.models["picky"] = lambda messages, body: "#### 5"
+    out = tmp_path / "run"
+    # 3 schema-breaking bodies in a row for the first item: no usable reply -> that item only is an infra error
+    server.faults.extend([Fault("schema")] * 3)
+    summary = run_eval("openai:picky", tasks=["gsm8k"], out=out, n=4, data={"gsm8k": str(gsm)},
+                       reference=str(reference_file(tmp_path, gsm)), endpoint=server.url, retry=FAST,
+                       api_workers=1, log=lambda m: None)
+    t = summary["tasks"]["gsm8k"]
+    assert (t["n"], t["infra_errors"], t["judged"]) == (4, 1, 3)
+    bad = [r for r in rows_of(out) if r["outcome"] is None]
+    assert len(bad) == 1 and "no usable reply" in bad[0]["infra_error"] and bad[0]["completion"] is None
+    # resume after --overwrite asks again only for the missing one
+    server.reset()
+    run_eval("openai:picky", tasks=["gsm8k"], out=out, n=4, data={"gsm8k": str(gsm)}, overwrite=True,
+             reference=str(reference_file(tmp_path, gsm)), endpoint=server.url, retry=FAST, log=lambda m: None)
+    assert len(server.records("picky")) == 1
