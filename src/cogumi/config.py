@@ -64,6 +64,9 @@ class TrainingConfig:
     torch_compile: bool = False
     loss_spike_factor: float = 3.0        # warn when loss > factor x its running mean
     plateau_steps: int = 0                # warn if loss has not improved for this many logged steps (0: off)
+    # Several processes (accelerate launch / torchrun): "ddp" replicates the base on every GPU; "fsdp" shards
+    # it (FSDP2, full shard); "auto": fsdp when the base's weights take more than half of one GPU, else ddp.
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
 
 
 @dataclass

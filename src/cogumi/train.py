@@ -225,7 +225,28 @@ def lora_config(cfg: RunConfig):
                       use_rslora=lc.use_rslora, bias="none", task_type="CAUSAL_LM")
 
 
-def sft_config(cfg: RunConfig, speed, *, output_dir: Path):
+def distributed_strategy(cfg: RunConfig, speed, base_cfg: dict | None, num_processes: int) -> str:
+    """"single", "ddp" or "fsdp" (``training.distributed``; auto: FSDP when the base's weights take more than
+    half of one GPU's memory, so they do not fit beside activations and optimizer state)."""
+    if num_processes <= 1:
+        return "single"
+    choice = cfg.training.distributed
+    if choice != "auto":
+        return choice
+    if speed.device != "cuda" or not base_cfg:
+        return "ddp"
+    from cogumi.estimate import DTYPE_BYTES, parameter_counts
+    from cogumi.speed import gpu_memory_gib
+    try:
+        weights_gib = parameter_counts(base_cfg, cfg.lora.target_modules, cfg.lora.r)["base"] * \
+            DTYPE_BYTES.get(speed.dtype, 2) / 2**30
+    except KeyError:                      # not a decoder config we can size: keep the default
+        return "ddp"
+    mem = gpu_memory_gib()
+    return "fsdp" if mem and weights_gib > 0.5 * mem else "ddp"
+
+
+def sft_config(cfg: RunConfig, speed, *, output_dir: Path, strategy: str = "single"):
     """SFTConfig for a run: cogumi's choices, then the speed settings (``speed.trainer_speed_kwargs``: precision,
     packing, micro-batch/accumulation plan, checkpointing, optimizer, compile, TF32) on top."""
     from trl import SFTConfig
@@ -252,6 +273,15 @@ def sft_config(cfg: RunConfig, speed, *, output_dir: Path):
         dataloader_num_workers=0,
     )
     kwargs.update(trainer_speed_kwargs(speed, t))
+    if strategy == "fsdp":
+        # FSDP2, full shard; FSDP's own activation checkpointing replaces the trainer's (which would add a
+        # redundant all-gather in backward).
+        recompute = bool(kwargs.get("gradient_checkpointing", False))
+        kwargs["gradient_checkpointing"] = False            # explicit: TRL's default is on
+        kwargs.pop("gradient_checkpointing_kwargs", None)
+        kwargs["fsdp"] = True
+        kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "activation_checkpointing": recompute,
+                                 "state_dict_type": "FULL_STATE_DICT"}
     return SFTConfig(**kwargs)
 
 
@@ -271,7 +301,7 @@ def load_base_model(cfg: RunConfig, speed, *, quantized: bool = False):
 
 
 def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eval_dataset=None,
-                  log: Callable[[str], Any] = print, callbacks: list | None = None):
+                  log: Callable[[str], Any] = print, callbacks: list | None = None, strategy: str | None = None):
     """The TRL SFTTrainer exactly as ``cogumi train`` runs it (the throughput benchmark calls this too).
 
     ``model`` is the plain base (PEFT wraps it here); ``train_dataset`` holds ``input_ids`` and
@@ -289,7 +319,10 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
         apply_model_speedups(model, speed)       # Liger layer kernels, before PEFT wraps the model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    args = sft_config(cfg, speed, output_dir=out / "checkpoints")
+    if strategy is None:
+        from accelerate import PartialState
+        strategy = distributed_strategy(cfg, speed, model.config.to_dict(), PartialState().num_processes)
+    args = sft_config(cfg, speed, output_dir=out / "checkpoints", strategy=strategy)
     if callbacks is None:
         callbacks = make_callbacks(cfg, out, log)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -387,6 +420,7 @@ def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stat
         "speed": speed.to_dict(),
         "libraries": library_versions(),
         "world_size": trainer.args.world_size,
+        "distributed": "fsdp" if trainer.args.fsdp else ("ddp" if trainer.args.world_size > 1 else "single"),
         "per_device_batch_size": trainer.args.per_device_train_batch_size,
         "grad_accum": trainer.args.gradient_accumulation_steps,
         "global_batch_size": (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
@@ -502,15 +536,16 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     elif main:
         (out / "train_log.jsonl").unlink(missing_ok=True)
 
+    strategy = distributed_strategy(cfg, speed, base_cfg, state.num_processes)
     model = load_base_model(cfg, speed, quantized=quantized)
     trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=data.train_dataset, speed=speed,
-                            eval_dataset=data.eval_dataset, log=say)
+                            eval_dataset=data.eval_dataset, log=say, strategy=strategy)
     a = trainer.args
     say(f"train: base {cfg.base_model} ({speed.dtype} on {speed.device}, {state.num_processes} process(es)); "
         f"global batch {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{state.num_processes} = "
         f"{a.per_device_train_batch_size * a.gradient_accumulation_steps * state.num_processes}"
         f"{' packs' if speed.packing else ' rows'}; packing {'on' if speed.packing else 'off'}, "
-        f"attention {speed.attn_implementation}")
+        f"attention {speed.attn_implementation}" + (f", {strategy.upper()}" if strategy != "single" else ""))
     monitor = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "Monitor")
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -518,13 +553,17 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     eval_metrics = trainer.evaluate() if data.eval_dataset is not None else None
 
     adapter_dir = out / "adapter"
+    # Under FSDP the LoRA weights are sharded: gather them (a collective, every rank) before rank 0 saves.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if strategy == "fsdp" else None
     if main:
         manifest = build_manifest(cfg, base_cfg=base_cfg, findings=findings, speed=speed, data_stats=data.stats,
                                   trainer=trainer, wall_time_s=wall,
                                   resumed_from=resume_from.name if resume_from else None,
                                   monitor_warnings=monitor.warnings, eval_metrics=eval_metrics)
         with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(str(tmp))
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            unwrapped.save_pretrained(str(tmp), state_dict=full_state) if full_state is not None \
+                else unwrapped.save_pretrained(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             write_manifest(tmp, manifest)
         shutil.rmtree(out / ".prepared", ignore_errors=True)
