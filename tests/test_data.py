@@ -225,3 +225,20 @@ def test_a_file_of_only_overlong_rows_fails_before_training(tmp_path, tokenizer)
     path.write_text(jsonl([{"instruction": "Explain. " * 60, "response": "ok"}] * 3))
     with pytest.raises(DataError, match="no trainable rows left"):
         prepare_dataset(make_cfg(tmp_path, path), tokenizer)
+
+
+def test_parallel_tokenization_equals_serial(tokenizer):
+    from cogumi.tiny import synthetic_instructions
+    rows = synthetic_instructions(40, seed=2)
+    serial = tokenize_rows(rows, tokenizer, 64, num_proc=1)
+    parallel = tokenize_rows(rows, tokenizer, 64, num_proc=2)
+    assert parallel.input_ids == serial.input_ids and parallel.completion_mask == serial.completion_mask
+    assert parallel.stats == serial.stats
+
+
+def test_a_base_without_chat_template_is_refused(tokenizer):
+    import copy
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_rows([GOOD], plain, 64)

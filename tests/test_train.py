@@ -181,6 +181,8 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_run, tiny_
 
     assert main(train_argv(tiny_base, train_file, out)) == 2                 # refuses to start over silently
     assert "pass --resume" in capsys.readouterr().err
+    assert main(train_argv(tiny_base, train_file, out, "--resume", "--set", "training.learning_rate=0.5")) == 2
+    assert "training.learning_rate: 0.001 -> 0.5" in capsys.readouterr().err     # same run or none
     assert main(train_argv(tiny_base, train_file, out, "--resume")) == 0
     assert "continuing from checkpoint-2" in capsys.readouterr().out
     assert not partial.exists()

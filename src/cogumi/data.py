@@ -364,28 +364,55 @@ class TokenizedRows:
         return Dataset.from_dict({"input_ids": self.input_ids, "completion_mask": self.completion_mask})
 
 
+PARALLEL_ROWS = 20_000          # above this many rows, tokenize with several processes (datasets.map)
+
+
+def _encode_batch(batch: dict, tokenizer) -> dict:
+    pairs = [encode_messages(m, tokenizer) for m in batch["messages"]]
+    return {"input_ids": [p[0] for p in pairs], "completion_mask": [p[1] for p in pairs]}
+
+
+def _encode_all(conversations: list[list[dict]], tokenizer, num_proc: int) -> list[tuple[list[int], list[int]]]:
+    if num_proc <= 1:
+        return [encode_messages(m, tokenizer) for m in conversations]
+    from datasets import Dataset
+    ds = Dataset.from_dict({"messages": conversations}).map(
+        _encode_batch, batched=True, batch_size=500, num_proc=num_proc, fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=["messages"], desc="Tokenizing rows")
+    return list(zip(ds["input_ids"], ds["completion_mask"]))
+
+
 def tokenize_rows(rows: list, tokenizer, max_length: int, overlong: str = "truncate", *,
-                  system_prompt: str | None = None, source: str = "rows") -> TokenizedRows:
+                  system_prompt: str | None = None, source: str = "rows", num_proc: int | None = None) -> TokenizedRows:
     """Render and tokenize rows (any accepted row shape, or ready message lists) for training.
 
     Over-long rows (more than ``max_length`` tokens) are cut to their first ``max_length`` tokens
     (``truncate``) or left out (``drop``); a truncated row with no assistant token left is dropped too.
     Returns the examples and counts: rows, kept, overlong, truncated, dropped, tokens, loss_tokens.
+    ``num_proc`` (default: up to 8 processes above ``PARALLEL_ROWS`` rows) spreads the rendering.
     """
+    import os
     if overlong not in ("truncate", "drop"):
         raise DataError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"the base model's tokenizer has no chat template, so {source} cannot be rendered the way "
+                        "evaluation prompts the model; use an instruct/chat base (e.g. "
+                        "meta-llama/Meta-Llama-3.1-8B-Instruct)")
+    conversations = []
+    for idx, row in enumerate(rows):
+        if isinstance(row, list):
+            conversations.append(row)
+            continue
+        try:
+            conversations.append(row_to_messages(row, system_prompt)[0])
+        except RowProblem as p:
+            raise DataError(f"{source} row {idx + 1}: {p}") from None
+    if num_proc is None:
+        num_proc = min(8, os.cpu_count() or 1) if len(conversations) > PARALLEL_ROWS else 1
     out_ids, out_mask, kept = [], [], []
     n_overlong = n_truncated = n_dropped = n_no_loss = 0
     longest = 0
-    for idx, row in enumerate(rows):
-        if isinstance(row, list):
-            messages = row
-        else:
-            try:
-                messages, _ = row_to_messages(row, system_prompt)
-            except RowProblem as p:
-                raise DataError(f"{source} row {idx + 1}: {p}") from None
-        ids, mask = encode_messages(messages, tokenizer)
+    for idx, (ids, mask) in enumerate(_encode_all(conversations, tokenizer, num_proc)):
         longest = max(longest, len(ids))
         if len(ids) > max_length:
             n_overlong += 1

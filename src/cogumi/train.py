@@ -469,6 +469,43 @@ def _check_output_dir(out: Path, resume: bool, log) -> Path | None:
     return None
 
 
+# Keys that change what the adapter becomes: a resumed run must use the same values as the run it continues.
+RESUME_KEYS = ("base_model", "base_revision", "data", "lora", "training.epochs", "training.max_steps",
+               "training.batch_size", "training.grad_accum", "training.learning_rate", "training.lr_scheduler",
+               "training.warmup_steps", "training.weight_decay", "training.max_length", "training.grad_clip",
+               "training.seed", "training.dtype", "training.packing", "training.distributed")
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def check_resume_matches(out: Path, cfg: RunConfig) -> None:
+    """Refuse to resume with a config that differs from the interrupted run's in a key that matters."""
+    saved = out / "resolved_config.yaml"
+    if not saved.exists():
+        return
+    old, new = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, cfg.to_dict()
+    changed = [f"{k}: {_lookup(old, k)!r} -> {_lookup(new, k)!r}" for k in RESUME_KEYS
+               if _lookup(old, k) != _lookup(new, k)]
+    if changed:
+        raise CogumiError(f"--resume with a config that differs from the interrupted run in {out}:\n  " +
+                          "\n  ".join(changed) + "\nResume with the same config, or start a new output_dir.")
+
+
+def check_resume_data(out: Path, stats: dict) -> None:
+    state_path = out / "run_state.json"
+    if not state_path.exists():
+        return
+    old = json.loads(state_path.read_text(encoding="utf-8")).get("data_sha256")
+    new = [f.get("sha256") for f in stats["files"]]
+    if old != new:
+        raise DataError(f"--resume: the data changed since the interrupted run in {out} (file hashes differ); "
+                        "resuming would train on a different row order. Restore the data or start a new output_dir.")
+
+
 def _truncate_train_log(path: Path, step: int) -> None:
     """On resume, drop log rows after the checkpoint's step (they will be logged again)."""
     if not path.exists():
@@ -488,7 +525,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     """Train a LoRA adapter as ``cfg`` says; returns ``OUTPUT/adapter``."""
     from accelerate import PartialState
 
-    from cogumi.io import atomic_dir, atomic_write_text
+    from cogumi.io import atomic_dir, atomic_write_json, atomic_write_text
     from cogumi.lineage import red_findings, write_manifest
     from cogumi.speed import resolve_speed_settings
 
@@ -509,14 +546,19 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, revision=cfg.base_revision)
 
+    if resume:
+        check_resume_matches(out, cfg)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "resolved_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     data = _prepare_data_once(cfg, tokenizer, out, state)
+    if resume:
+        check_resume_data(out, data.stats)
     if main:
         for line in data.summary_lines():
             say(line)
         data.write_holdout(out / "holdout.jsonl")
+        atomic_write_json(out / "run_state.json", {"data_sha256": [f.get("sha256") for f in data.stats["files"]]})
 
     resume_from = None
     ckpt_root = out / "checkpoints"
