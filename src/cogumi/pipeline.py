@@ -790,13 +790,47 @@ def _eval_settings(plan: Plan, *, mining: bool) -> dict:
 
 def run_eval_stage(ctx: StageContext, model: Path | str, tasks: dict[str, TaskPlan], settings: dict,
                    out: Path, *, base: str | None = None) -> dict:
-    """One eval run over ``tasks`` (each with its own n/data/split) into ``out``; returns the summary."""
-    from cogumi.evaluation.runner import run_eval
-    summary = run_eval(str(model), tasks={name: dataclasses.asdict(tp) for name, tp in tasks.items()},
-                       out=str(out), base=base, log=ctx.log, **settings)
+    """One eval per task (each with its own n / data / split) under ``out/TASK/``, combined into
+    ``out/results.jsonl`` + ``out/summary.json`` in the docs/design.md layout; returns the summary.
+
+    A restarted stage keeps ``out`` (keep_on_restart), so each task's answer cache is reused.
+    """
+    import inspect
+
+    from cogumi.evaluation.runner import run_eval, summarize
+    from cogumi.io import atomic_write_jsonl, read_jsonl
+    accepts = inspect.signature(run_eval).parameters
+    rows: list[dict] = []
+    combined: dict | None = None
+    for name, tp in tasks.items():
+        kwargs = dict(settings)
+        if "split" in accepts:
+            kwargs["split"] = tp.split
+        elif tp.split != "test" and (tp.data is None or name == "mbpp"):
+            raise ConfigError(f"{name}: split {tp.split!r} needs run_eval(split=...), which this cogumi's evaluation "
+                              "does not have yet; give a local file that holds only that split")
+        if tp.variant is not None and "variant" in accepts:
+            kwargs["variant"] = tp.variant
+        summary = run_eval(str(model), tasks=[name], n=tp.n, data={name: tp.data} if tp.data else {},
+                           out=str(out / name), base=base, overwrite=True, log=ctx.log, **kwargs)
+        rows += read_jsonl(out / name / "results.jsonl")
+        if combined is None:
+            combined = {k: v for k, v in summary.items() if k != "tasks"}
+            combined["tasks"] = {}
+            combined["n"] = {}
+        combined["tasks"][name] = summary["tasks"][name]
+        combined["n"][name] = tp.n
+        combined["split"] = {**combined.get("split", {}), name: tp.split}
+    recount = summarize(rows, list(tasks))["tasks"]
+    for name in tasks:       # per-task counts recomputed from the combined rows: they must agree
+        for key in ("n", "wins", "ties", "losses", "correct"):
+            if recount[name][key] != combined["tasks"][name][key]:
+                raise CogumiError(f"eval of {name}: summary.json and results.jsonl disagree on {key}")
+    atomic_write_jsonl(out / "results.jsonl", rows)
+    atomic_write_json(out / "summary.json", combined)
     ctx.output("results", out / "results.jsonl")
     ctx.output("summary", out / "summary.json")
-    return summary
+    return combined
 
 
 def stage_validate(plan: Plan, phase: str):
@@ -830,11 +864,11 @@ def stage_gate(plan: Plan, phase: str):
         regression = None
         if phase == "1b" and plan.phase1b.stop_on_regression and ctx.has_input("compare-1a-1b", "compare"):
             comp = json.loads(ctx.input("compare-1a-1b", "compare").read_text(encoding="utf-8"))
-            overall = comp.get("overall") or {}
-            if overall.get("b_minus_a", 0) < 0 and overall.get("p_value", 1.0) < 0.05:
+            o = comp.get("overall") or {}
+            if o.get("b_correct", 0) < o.get("a_correct", 0) and o.get("p_value", 1.0) < 0.05:
                 regression = (f"Phase 1B answers fewer validation items correctly than Phase 1A "
-                              f"({overall['correct_a']} -> {overall['correct_b']} of {overall['n']}, exact McNemar "
-                              f"p={overall['p_value']:.3g})")
+                              f"({o['a_correct']} -> {o['b_correct']} of {o['paired']}, exact McNemar "
+                              f"p={o['p_value']:.3g})")
         verdict["regression"] = regression
         atomic_write_json(ctx.dir / "gate.json", {**verdict, "table": table})
         ctx.output("gate", ctx.dir / "gate.json")
@@ -880,51 +914,17 @@ def stage_failures(plan: Plan):
     return run
 
 
-def compare_results(a_rows: list[dict], b_rows: list[dict]) -> dict:
-    """Paired comparison of two eval runs on the same items: correctness per item, exact McNemar."""
-    from cogumi.evaluation.stats import mcnemar_exact
-    a_by = {(r["task"], str(r["task_id"])): r for r in a_rows}
-    tasks: dict[str, dict] = {}
-    for rb in b_rows:
-        ra = a_by.get((rb["task"], str(rb["task_id"])))
-        if ra is None or ra.get("correct") is None or rb.get("correct") is None:
-            continue
-        t = tasks.setdefault(rb["task"], {"n": 0, "correct_a": 0, "correct_b": 0, "a_only": 0, "b_only": 0,
-                                          "wins_a": 0, "wins_b": 0, "ties_a": 0, "ties_b": 0,
-                                          "losses_a": 0, "losses_b": 0})
-        t["n"] += 1
-        t["correct_a"] += bool(ra["correct"])
-        t["correct_b"] += bool(rb["correct"])
-        t["a_only"] += bool(ra["correct"] and not rb["correct"])
-        t["b_only"] += bool(rb["correct"] and not ra["correct"])
-        for side, r in (("a", ra), ("b", rb)):
-            if r.get("outcome") in ("win", "tie", "loss"):
-                t[f"{r['outcome']}{'e' if r['outcome'] == 'loss' else ''}s_{side}"] += 1
-    overall = {"n": 0, "correct_a": 0, "correct_b": 0, "a_only": 0, "b_only": 0}
-    for t in tasks.values():
-        t["b_minus_a"] = t["correct_b"] - t["correct_a"]
-        t["p_value"] = mcnemar_exact(t["a_only"], t["b_only"])
-        for k in overall:
-            overall[k] += t[k]
-    overall["b_minus_a"] = overall["correct_b"] - overall["correct_a"]
-    overall["p_value"] = mcnemar_exact(overall["a_only"], overall["b_only"])
-    return {"tasks": tasks, "overall": overall}
-
-
 def stage_compare():
     def run(ctx: StageContext) -> dict:
-        from cogumi.io import read_jsonl
-        a = read_jsonl(ctx.input("validate-1a", "results"))
-        b = read_jsonl(ctx.input("validate-1b", "results"))
-        comp = compare_results(a, b)
+        from cogumi.evaluation.commands import compare_runs, format_compare_table
+        comp = compare_runs(ctx.input("validate-1a", "results"), ctx.input("validate-1b", "results"))
+        for line in format_compare_table(comp).splitlines():
+            ctx.log(line)
         if ctx.has_input("validate-base", "results"):
-            comp["base_vs_1a"] = compare_results(read_jsonl(ctx.input("validate-base", "results")), a)
-        o = comp["overall"]
-        ctx.log(f"Phase 1A -> 1B on {o['n']} paired items: correct {o['correct_a']} -> {o['correct_b']} "
-                f"(1A only {o['a_only']}, 1B only {o['b_only']}, exact McNemar p={o['p_value']:.3g})")
+            comp["base_vs_1a"] = compare_runs(ctx.input("validate-base", "results"), ctx.input("validate-1a", "results"))
         atomic_write_json(ctx.dir / "compare.json", comp)
         ctx.output("compare", ctx.dir / "compare.json")
-        return {"overall": o, "tasks": comp["tasks"]}
+        return {"overall": comp["overall"], "tasks": comp["tasks"]}
     return run
 
 
@@ -988,7 +988,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                   "criteria": _criteria_identity(plan.gate.criteria)}),
         S(2, "validate-base", "validate the base model on the validation (test) items", stage_validate(plan, "base"),
           config={"phase1a": t1a, "tasks": val_tasks, "settings": settings_id}, needs=("preflight",),
-          keep_on_restart=("eval/cache",), gpu=True, enabled=plan.baseline, disabled_reason="baseline is false"),
+          keep_on_restart=("eval",), gpu=True, enabled=plan.baseline, disabled_reason="baseline is false"),
         S(3, "train-1a", "train Phase 1A (LoRA on the full-precision base)", stage_train(plan, "1a"),
           config=t1a, needs=("preflight",), keep_on_restart=("run",), gpu=True),
         S(4, "verify-adapter-1a", "verify the Phase 1A adapter", stage_verify("adapter", "train-1a", "adapter"),
@@ -999,13 +999,13 @@ def build_stages(plan: Plan) -> list[Stage]:
           needs=("merge-1a",)),
         S(7, "validate-1a", "validate Phase 1A on the validation (test) items", stage_validate(plan, "1a"),
           config={"tasks": val_tasks, "settings": settings_id}, needs=("merge-1a",),
-          keep_on_restart=("eval/cache",), gpu=True),
+          keep_on_restart=("eval",), gpu=True),
         S(8, "gate-1a", "gate Phase 1A", stage_gate(plan, "1a"),
           config={"criteria": _criteria_identity(plan.gate.criteria), "stop_on_fail": plan.gate.stop_on_fail},
           needs=("validate-1a",)),
         S(9, "mine-1a", "evaluate Phase 1A on train-split items (where does it lose?)", stage_mine(plan),
           config={"tasks": _tasks_identity(plan.mining.tasks, v.seed) if p1b else None, "settings": mine_id},
-          needs=("merge-1a",), keep_on_restart=("eval/cache",), gpu=True, enabled=p1b, disabled_reason=no1b),
+          needs=("merge-1a",), keep_on_restart=("eval",), gpu=True, enabled=p1b, disabled_reason=no1b),
         S(10, "failures-1a", "extract the Phase 1B set (losses, decontaminated)", stage_failures(plan),
           config={k: getattr(plan.mining, k) for k in ("include_both_wrong", "ngram", "overlap")},
           needs=("mine-1a", "validate-base", "validate-1a"), optional=("validate-base",), enabled=p1b,
@@ -1021,7 +1021,7 @@ def build_stages(plan: Plan) -> list[Stage]:
           stage_verify("merged model", "merge-1b", "merged"), needs=("merge-1b",), enabled=p1b, disabled_reason=no1b),
         S(15, "validate-1b", "validate Phase 1B on the same validation items", stage_validate(plan, "1b"),
           config={"tasks": val_tasks, "settings": settings_id}, needs=("merge-1b",),
-          keep_on_restart=("eval/cache",), gpu=True, enabled=p1b, disabled_reason=no1b),
+          keep_on_restart=("eval",), gpu=True, enabled=p1b, disabled_reason=no1b),
         S(16, "compare-1a-1b", "compare Phase 1A and 1B on the same items", stage_compare(),
           needs=("validate-1a", "validate-1b", "validate-base"), optional=("validate-base",), enabled=p1b,
           disabled_reason=no1b),
