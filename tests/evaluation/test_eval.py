@@ -15,11 +15,12 @@ from cogumi.evaluation.endpoint import EndpointUnavailable, RetryPolicy, Respons
 from cogumi.evaluation.judge import exact_outcome, pair_messages
 from cogumi.evaluation.runner import gold_text, run_eval
 from cogumi.evaluation.tasks import load_task
-from cogumi.tiny import synthetic_gsm8k, synthetic_mbpp, write_jsonl
+from cogumi.tiny import synthetic_gsm8k, synthetic_humaneval, synthetic_mbpp, write_jsonl
 
 KEY = "sk-eval-secret-7f3a9c2e5b1d4680"
 FAST = RetryPolicy(base_delay=0.001, max_attempts=3, budget=60, request_timeout=1.0)
-PATIENT = RetryPolicy(base_delay=0.001, max_attempts=6, budget=60, request_timeout=1.0)
+# The timeout must outlast a tiny-model generation on a busy 2-core machine; the stall below costs it once.
+PATIENT = RetryPolicy(base_delay=0.001, max_attempts=6, budget=60, request_timeout=3.0)
 
 
 @pytest.fixture
@@ -150,6 +151,38 @@ def test_exact_judge_known_outcomes_from_predictions(gsm, tmp_path, capsys):
     assert_summary_matches_rows(out)
 
 
+def test_code_tasks_exact_judge_and_code_gate(tmp_path, capsys):
+    mbpp, he = synthetic_mbpp("test"), synthetic_humaneval()
+    data = {"mbpp": str(write_jsonl(tmp_path / "mbpp.jsonl", mbpp)),
+            "humaneval": str(write_jsonl(tmp_path / "he.jsonl", he))}
+    # candidate: the first 6 MBPP / 3 HumanEval right; reference: odd positions right, the rest wrong in
+    # different ways (a crash, a wrong body, one infinite loop that the sandbox times out)
+    cand = [{"task": "mbpp", "task_id": str(r["task_id"]),
+             "completion": f"```python\n{r['code']}\n```" if i < 6 else "def nope():\n    pass"} for i, r in enumerate(mbpp)]
+    cand += [{"task": "humaneval", "task_id": r["task_id"],
+              "completion": r["canonical_solution"] if i < 3 else "    return None\n"} for i, r in enumerate(he)]
+    ref = [{"task": "mbpp", "task_id": str(r["task_id"]), "completion": r["code"] if i % 2 else "oops"}
+           for i, r in enumerate(mbpp)]
+    ref += [{"task": "humaneval", "task_id": r["task_id"],
+             "completion": r["canonical_solution"] if i % 2 else ("    while True:\n        pass\n" if i == 0 else
+                                                                   "    return -1\n")} for i, r in enumerate(he)]
+    out = tmp_path / "run"
+    summary = run_eval(str(write_jsonl(tmp_path / "cand.jsonl", cand)), tasks=["mbpp", "humaneval"], out=out,
+                       data=data, reference=str(write_jsonl(tmp_path / "ref.jsonl", ref)), timeout=1.0, workers=2,
+                       log=lambda m: None)
+    m, h = summary["tasks"]["mbpp"], summary["tasks"]["humaneval"]
+    assert (m["n"], m["wins"], m["ties"], m["losses"], m["infra_errors"]) == (10, 3, 5, 2, 0)
+    assert (h["n"], h["wins"], h["ties"], h["losses"], h["infra_errors"]) == (6, 2, 2, 2, 0)
+    loop = next(r for r in rows_of(out) if r["task_id"] == "HumanEval/0")
+    assert loop["reference"]["correct"] is False and "timeout" in loop["reference"]["reason"]
+    assert_summary_matches_rows(out)
+    # the Phase 1A code band pools humaneval + mbpp: 5 wins of 16
+    criteria = tmp_path / "code.yaml"
+    criteria.write_text("criteria:\n  - {name: code_wins, tasks: [humaneval, mbpp], metric: win_rate, min: 0.3}\n")
+    assert main(["gate", str(out), "--criteria", str(criteria)]) == 0
+    assert "31%" in capsys.readouterr().out
+
+
 def test_predictions_dir_and_task_field(gsm, tmp_path):
     preds = tmp_path / "preds"
     reference_file(preds, gsm, name="gsm8k.jsonl")
@@ -226,7 +259,9 @@ def test_llm_judge_with_faults_interrupted_and_resumed_judges_each_item_once(ser
     # Every kind of fault on the way (one client, so each fault hits a known request and none outlasts
     # the retries), then the service dies after n answers + 3 judgments.
     server.faults.extend([Fault("429", retry_after="0.01"), None, Fault("500"), None, Fault("truncated"), None,
-                          Fault("schema"), Fault("drop"), None, Fault("stall", seconds=30), None,
+                          Fault("schema"), Fault("drop"), None,           # 4 of the n candidate answers
+                          None, None,                                     # the other 2
+                          Fault("stall", seconds=30), None,               # the first judgment times out once
                           Fault("500", retry_after="0")])
     server.down_after = n + 3
     with pytest.raises(EndpointUnavailable, match="run the same command again"):
@@ -243,6 +278,9 @@ def test_llm_judge_with_faults_interrupted_and_resumed_judges_each_item_once(ser
     assert sorted(server.ok_counts("tiny").values()) == [1] * n
     assert sorted(server.ok_counts("judge").values()) == [1] * (2 * n)
     assert summary["retries_used"] <= PATIENT.budget
+    # the resumed run paid only for what the first one had not got: no answers, 2n - 3 judgments
+    assert "openai:tiny" not in summary["usage"]
+    assert summary["usage"]["judge openai:judge"]["requests_paid"] == 2 * n - 3
     failed = [r for r in server.records() if r.status != 200]
     assert len(failed) <= 2 * PATIENT.budget          # each run stays within its retry budget
     assert len(failed) >= 10 and {r.fault for r in failed} >= {"429", "500", "truncated", "schema", "drop", "stall"}

@@ -213,9 +213,14 @@ class EndpointStats:
     requests: int = 0
     retries: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    answered: int = 0                # requests that returned a usable reply (what is billed)
+    prompt_tokens: int = 0           # as the server reports them in ``usage``
+    completion_tokens: int = 0
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "retries": self.retries, "errors": dict(self.errors)}
+        return {"requests": self.requests, "retries": self.retries, "errors": dict(self.errors),
+                "usage": {"requests_paid": self.answered, "prompt_tokens": self.prompt_tokens,
+                          "completion_tokens": self.completion_tokens}}
 
 
 class _Retryable(Exception):
@@ -315,6 +320,11 @@ class ChatEndpoint:
             raise _Retryable("malformed response (not a chat completion)") from None
         if not isinstance(content, str):
             raise _Retryable("malformed response (no message content)")
+        usage = getattr(resp, "usage", None)
+        with self._lock:
+            self.stats.answered += 1
+            self.stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
+            self.stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
         return content
 
 

@@ -326,7 +326,8 @@ def _side(spec: str, role: str, *, tasks: list[str], base: str | None, endpoint:
                           max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
-def _load_items(task_names: list[str], data: dict[str, str], n: int | None, seed: int, few_shot: int):
+def _load_items(task_names: list[str], data: dict[str, str], n: int | None, seed: int, few_shot: int,
+                split: str | None = "test", variant: str | None = None):
     known_keys = set(task_names) | {f"{t}-shots" for t in task_names}
     for key in data:
         if key not in known_keys:
@@ -334,7 +335,8 @@ def _load_items(task_names: list[str], data: dict[str, str], n: int | None, seed
                               f"use TASK=FILE (or TASK-shots=FILE for few-shot examples)")
     items, messages, data_info = [], [], {}
     for task in task_names:
-        loaded = tasks_mod.load_task(task, data.get(task), n=n, seed=seed)
+        loaded = tasks_mod.load_task(task, data.get(task), n=n, seed=seed, split=split,
+                                     variant=variant if task == "mbpp" else None)
         shots = _shots(task, data) if few_shot else None
         items += loaded
         messages += [tasks_mod.build_messages(it, few_shot=few_shot, shots=shots) for it in loaded]
@@ -385,11 +387,12 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
              base: str | None = None, endpoint: str | None = None, api_model: str | None = None,
              few_shot: int = 0, workers: int | None = None, timeout: float = 10.0, overwrite: bool = False,
              retry: RetryPolicy | None = None, api_workers: int = 4, judge_max_tokens: int = 1024,
+             split: str | None = "test", variant: str | None = None,
              log: Callable[[str], None] | None = None) -> dict:
     """Evaluate ``model`` on ``tasks`` against ``reference``; write OUT/results.jsonl + summary.json.
 
     Returns the summary dict. ``retry`` sets endpoint retries/backoff/budget/timeouts; ``api_workers``
-    how many endpoint requests run at once.
+    how many endpoint requests run at once; ``split`` / ``variant`` go to ``tasks.load_task`` (MBPP).
     """
     log = log or (lambda m: _stderr(f"eval: {redact(m)}"))
     task_names = list(dict.fromkeys(tasks))
@@ -405,7 +408,7 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
         raise ConfigError("--few-shot must be >= 0, --max-new-tokens and --batch-size >= 1")
     out = Path(out)
     data = dict(data or {})
-    items, conversations, data_info = _load_items(task_names, data, n, seed, few_shot)
+    items, conversations, data_info = _load_items(task_names, data, n, seed, few_shot, split, variant)
     if not items:
         raise DataError(f"no items to evaluate for {', '.join(task_names)} (empty data or --n 0)")
 
@@ -465,8 +468,9 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
                   "base_url": safe_url(llm_judge.endpoint.spec.base_url)},
         "tasks": summary["tasks"],
         "candidate": candidate.info(), "reference_info": ref_side.info() if ref_side else None,
-        "n": n, "seed": seed, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
+        "n": n, "seed": seed, "split": split, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
         "endpoints": endpoints, "retries_used": budget.used,
+        "usage": {label: stats["usage"] for label, stats in endpoints.items() if stats["usage"]["requests_paid"]},
         "cogumi_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     atomic_write_jsonl(out / "results.jsonl", rows)
