@@ -12,7 +12,7 @@ from cogumi.cli import main
 from cogumi.errors import CogumiError, ConfigError, DataError
 from cogumi.evaluation import generate as generate_mod
 from cogumi.evaluation.endpoint import EndpointUnavailable, RetryPolicy, ResponseCache
-from cogumi.evaluation.judge import exact_outcome, pair_messages
+from cogumi.evaluation.judge import exact_outcome
 from cogumi.evaluation.runner import gold_text, run_eval
 from cogumi.evaluation.tasks import load_task
 from cogumi.tiny import synthetic_gsm8k, synthetic_humaneval, synthetic_mbpp, write_jsonl
@@ -104,6 +104,27 @@ def test_cli_eval_on_the_tiny_model(tiny_base, gsm, tmp_path, capsys, monkeypatc
 
 class Killed(BaseException):
     """Stands in for kill -9 / Ctrl-C: a BaseException nothing in cogumi may swallow."""
+
+
+def test_adapter_candidate_against_its_base_as_reference(tiny_base, gsm, tmp_path):
+    """An adapter dir (base + LoRA, unmerged) vs its base model: a fresh LoRA (B = 0) changes nothing,
+    so every item is a tie -- and both sides were generated (their cache identities differ)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_base)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(adapter)
+    out = tmp_path / "run"
+    summary = run_eval(str(adapter), tasks=["gsm8k"], out=out, n=5, data={"gsm8k": str(gsm)}, base=str(tiny_base),
+                       reference=str(tiny_base), max_new_tokens=6, batch_size=8, log=lambda m: None)
+    rows = rows_of(out)
+    assert all(r["completion"] == r["reference"]["completion"] for r in rows)
+    assert summary["tasks"]["gsm8k"]["ties"] == 5
+    assert summary["candidate"]["identity"].startswith("adapter:") and summary["reference_info"]["kind"] == "local"
+    assert summary["candidate"]["dtype"] == "bfloat16"
+    assert len(ResponseCache(out / "cache" / "generations.jsonl")) == 10
 
 
 def test_local_generation_resumes_after_interrupt(tiny_base, gsm, tmp_path, monkeypatch):
