@@ -224,3 +224,18 @@ def test_cli(mined_run, tmp_path, capsys):
     assert out.read_text() == ""
     assert json.loads(Path(str(out) + ".stats.json").read_text())["written"] == 0
     assert main(["failures", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_prompt_template_is_not_evidence_of_overlap():
+    """Short questions wrapped in the same instruction template must not all match each other."""
+    from cogumi.evaluation.tasks import gsm8k_prompt
+    names = ["Ava", "Ben", "Cy", "Dot", "Eli", "Fay"]
+    gate = [GateItem("gsm8k", str(i), gsm8k_prompt(f"{n} has {i + 2} cats and buys {i + 4} more cats."), "g", None)
+            for i, n in enumerate(names)]
+    d = Decontaminator(gate, ngram=8, overlap=0.5)
+    assert d.template                                        # the instruction text was recognised
+    fresh = gsm8k_prompt("Kim bakes 7 pies for the fair and sells 3 of them at noon.")
+    assert d.match("gsm8k", "99", fresh) is None
+    leaked = gsm8k_prompt("Dot has 5 cats and buys 7 more cats.")     # gate item 3, verbatim
+    hit = d.match("gsm8k", "99", leaked)
+    assert hit["by"] == "ngram" and hit["gate_task_id"] == "3"

@@ -157,10 +157,14 @@ class Decontaminator:
 
     Overlap is ``shared / min(|A|, |B|)`` over the two texts' n-gram sets, computed against each gate item
     separately (an inverted index keeps it linear): a candidate that contains a gate question inside a
-    longer prompt, or is contained in one, is caught either way.
+    longer prompt, or is contained in one, is caught either way. Prompt templates are not evidence: an
+    n-gram found in at least ``template_share`` of one task's gate items (and in 3 or more) is the task's
+    instruction boilerplate ("Reason step by step, then give the final answer ..."), so it is left out of
+    both sides; otherwise every short question would "overlap" every other through the template alone.
     """
 
-    def __init__(self, items: list[GateItem], *, ngram: int = 8, overlap: float = 0.5):
+    def __init__(self, items: list[GateItem], *, ngram: int = 8, overlap: float = 0.5,
+                 template_share: float = 0.2):
         if ngram < 1:
             raise DataError(f"--ngram must be >= 1, got {ngram}")
         if not 0 < overlap <= 1:
@@ -170,7 +174,14 @@ class Decontaminator:
         self.by_id: dict[tuple, GateItem] = {}
         for it in items:
             self.by_id[self._id_key(it.task, it.task_id, it.data)] = it
-        self.grams = [ngrams(it.text, ngram) for it in items]
+        raw = [ngrams(it.text, ngram) for it in items]
+        per_task: dict[str, int] = Counter(it.task for it in items)
+        df: dict[str, Counter] = defaultdict(Counter)
+        for it, gs in zip(items, raw):
+            df[it.task].update(gs)
+        self.template: set[tuple] = {g for task, counts in df.items() for g, k in counts.items()
+                                     if k >= max(3, template_share * per_task[task])}
+        self.grams = [gs - self.template for gs in raw]
         self.index: dict[tuple, list[int]] = defaultdict(list)
         for i, gs in enumerate(self.grams):
             for g in gs:
@@ -187,7 +198,7 @@ class Decontaminator:
             if hit is not None:
                 return {"by": "id", "gate_task": hit.task, "gate_task_id": hit.task_id, "gate_source": hit.source,
                         "overlap": None}
-        grams = ngrams(text, self.n)
+        grams = ngrams(text, self.n) - self.template
         if not grams:
             return None
         shared: Counter = Counter()
@@ -196,7 +207,7 @@ class Decontaminator:
                 shared[i] += 1
         best, best_score = None, 0.0
         for i, k in shared.items():
-            score = k / min(len(grams), len(self.grams[i]))
+            score = k / max(1, min(len(grams), len(self.grams[i])))
             if score > best_score:
                 best, best_score = i, score
         if best is not None and best_score >= self.threshold:
