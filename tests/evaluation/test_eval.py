@@ -351,3 +351,16 @@ def test_endpoint_candidate_item_refused_is_an_infra_error(server, gsm, tmp_path
     run_eval("openai:picky", tasks=["gsm8k"], out=out, n=4, data={"gsm8k": str(gsm)}, overwrite=True,
              reference=str(reference_file(tmp_path, gsm)), endpoint=server.url, retry=FAST, log=lambda m: None)
     assert len(server.records("picky")) == 1
+
+
+def test_refused_key_stops_the_run_without_printing_it(server, gsm, tmp_path, capsys, monkeypatch):
+    wrong = "sk-wrong-but-still-secret-5521"
+    monkeypatch.setenv("OPENAI_API_KEY", wrong)
+    out = tmp_path / "run"
+    code = main(["eval", "openai:tiny", "--endpoint", server.url, "--tasks", "gsm8k", "--data", f"gsm8k={gsm}",
+                 "--n", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 3 and "API key was refused" in captured.err
+    assert wrong not in captured.out + captured.err          # the server quoted it back; cogumi redacts it
+    for f in out.rglob("*"):
+        assert not f.is_file() or wrong not in f.read_text()

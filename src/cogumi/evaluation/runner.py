@@ -473,8 +473,11 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
         "usage": {label: stats["usage"] for label, stats in endpoints.items() if stats["usage"]["requests_paid"]},
         "cogumi_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # summary.json marks a finished run: an old one goes first, the new one is written last, so a crash
+    # in between leaves an unfinished run (resumable from the cache), never a summary of other results.
+    (out / "summary.json").unlink(missing_ok=True)
     atomic_write_jsonl(out / "results.jsonl", rows)
-    atomic_write_json(out / "summary.json", summary)  # last: its presence marks a finished run
+    atomic_write_json(out / "summary.json", summary)
     log(f"wrote {out / 'results.jsonl'} and {out / 'summary.json'}")
     return summary
 
