@@ -140,18 +140,18 @@ def test_local_generation_resumes_after_interrupt(tiny_base, gsm, tmp_path, monk
 
     monkeypatch.setattr(generate_mod, "generate_completions", interrupting)
     out = tmp_path / "run"
-    kwargs = dict(tasks=["gsm8k"], out=out, n=10, data={"gsm8k": str(gsm)}, max_new_tokens=4, batch_size=1,
+    kwargs = dict(tasks=["gsm8k"], out=out, n=20, data={"gsm8k": str(gsm)}, max_new_tokens=4, batch_size=1,
                   reference=str(reference_file(tmp_path, gsm)), log=lambda m: None)
     with pytest.raises(Killed):
         run_eval(str(tiny_base), **kwargs)
     assert not (out / "results.jsonl").exists() and not (out / "summary.json").exists()
-    assert len(ResponseCache(out / "cache" / "generations.jsonl")) == 4   # the first chunk (4 x batch 1)
-    assert calls == [4, 4]
+    assert len(ResponseCache(out / "cache" / "generations.jsonl")) == 8   # the first chunk (8 x batch 1)
+    assert calls == [8, 8]
     calls.clear()
     kill_armed = False
     summary = run_eval(str(tiny_base), **kwargs)
-    assert calls == [4, 2]                                                 # only the 6 missing answers
-    assert summary["tasks"]["gsm8k"]["n"] == 10
+    assert calls == [8, 4]                                                 # only the 12 missing answers
+    assert summary["tasks"]["gsm8k"]["n"] == 20
 
 
 def test_exact_judge_known_outcomes_from_predictions(gsm, tmp_path, capsys):
