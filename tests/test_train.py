@@ -172,7 +172,8 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_run, tiny_
     proc = subprocess.run([sys.executable, "-m", "cogumi", *train_argv(tiny_base, train_file, out)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (out / "checkpoints" / "checkpoint-2" / "cogumi-complete").exists()
+    marker = json.loads((out / "checkpoints" / "checkpoint-2" / "cogumi-complete").read_text())
+    assert marker["step"] == 2 and marker["wall_s"] > 0
     assert not (out / "adapter").exists()
     # a checkpoint cut short by the kill (no completeness marker) must be ignored and cleaned
     partial = out / "checkpoints" / "checkpoint-3"
@@ -187,6 +188,9 @@ def test_kill9_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_run, tiny_
     assert "continuing from checkpoint-2" in capsys.readouterr().out
     assert not partial.exists()
 
+    from cogumi.lineage import read_manifest
+    man = read_manifest(out / "adapter")
+    assert man["resumed_from"] == "checkpoint-2" and man["wall_time_s"] > marker["wall_s"]   # both sessions
     resumed, uninterrupted = adapter_tensors(out / "adapter"), adapter_tensors(tiny_run / "adapter")
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:

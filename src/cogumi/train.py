@@ -87,9 +87,11 @@ def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def make_callbacks(cfg: RunConfig, out: Path, log: Callable[[str], Any]) -> list:
-    """Cogumi's monitoring, checkpoint-marker and fault-injection callbacks."""
+def make_callbacks(cfg: RunConfig, out: Path, log: Callable[[str], Any], *, prior_wall_s: float = 0.0) -> list:
+    """Cogumi's monitoring, checkpoint-marker and fault-injection callbacks. ``prior_wall_s``: training time of
+    the sessions before a resume (recorded in each checkpoint's marker)."""
     TrainerCallback = _callbacks_module()
+    session_start = time.time()
 
     class CheckpointMarker(TrainerCallback):
         """Write the completeness marker after HF has saved a checkpoint (on every rank: barrier first)."""
@@ -102,7 +104,9 @@ def make_callbacks(cfg: RunConfig, out: Path, log: Callable[[str], Any]) -> list
                 ckpt = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
                 if ckpt.is_dir():
                     from cogumi.io import atomic_write_json
-                    atomic_write_json(ckpt / COMPLETE_MARKER, {"step": state.global_step, "time": time.time()})
+                    atomic_write_json(ckpt / COMPLETE_MARKER, {
+                        "step": state.global_step, "time": time.time(),
+                        "wall_s": round(prior_wall_s + time.time() - session_start, 3)})
 
     class Monitor(TrainerCallback):
         """Red flags checked live, train_log.jsonl, GPU stats."""
@@ -301,7 +305,8 @@ def load_base_model(cfg: RunConfig, speed, *, quantized: bool = False):
 
 
 def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eval_dataset=None,
-                  log: Callable[[str], Any] = print, callbacks: list | None = None, strategy: str | None = None):
+                  log: Callable[[str], Any] = print, callbacks: list | None = None, strategy: str | None = None,
+                  prior_wall_s: float = 0.0):
     """The TRL SFTTrainer exactly as ``cogumi train`` runs it (the throughput benchmark calls this too).
 
     ``model`` is the plain base (PEFT wraps it here); ``train_dataset`` holds ``input_ids`` and
@@ -324,7 +329,7 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
         strategy = distributed_strategy(cfg, speed, model.config.to_dict(), PartialState().num_processes)
     args = sft_config(cfg, speed, output_dir=out / "checkpoints", strategy=strategy)
     if callbacks is None:
-        callbacks = make_callbacks(cfg, out, log)
+        callbacks = make_callbacks(cfg, out, log, prior_wall_s=prior_wall_s)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
     for cb in callbacks:
@@ -433,7 +438,7 @@ def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stat
         "eval": eval_metrics,
         "warnings": monitor_warnings,
         "resumed_from": resumed_from,
-        "wall_time_s": round(wall_time_s, 3),
+        "wall_time_s": round(wall_time_s, 3),         # all sessions of the run, resumed ones included
     }
 
 
@@ -504,6 +509,13 @@ def check_resume_data(out: Path, stats: dict) -> None:
     if old != new:
         raise DataError(f"--resume: the data changed since the interrupted run in {out} (file hashes differ); "
                         "resuming would train on a different row order. Restore the data or start a new output_dir.")
+
+
+def _marker_wall_s(checkpoint: Path) -> float:
+    try:
+        return float(json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8")).get("wall_s", 0.0))
+    except (OSError, ValueError, TypeError):
+        return 0.0
 
 
 def _truncate_train_log(path: Path, step: int) -> None:
@@ -578,10 +590,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     elif main:
         (out / "train_log.jsonl").unlink(missing_ok=True)
 
+    prior_wall = _marker_wall_s(resume_from) if resume_from else 0.0
     strategy = distributed_strategy(cfg, speed, base_cfg, state.num_processes)
     model = load_base_model(cfg, speed, quantized=quantized)
     trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=data.train_dataset, speed=speed,
-                            eval_dataset=data.eval_dataset, log=say, strategy=strategy)
+                            eval_dataset=data.eval_dataset, log=say, strategy=strategy, prior_wall_s=prior_wall)
     a = trainer.args
     say(f"train: base {cfg.base_model} ({speed.dtype} on {speed.device}, {state.num_processes} process(es)); "
         f"global batch {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{state.num_processes} = "
@@ -591,7 +604,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     monitor = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "Monitor")
     t0 = time.time()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    wall = time.time() - t0
+    wall = prior_wall + time.time() - t0
     eval_metrics = trainer.evaluate() if data.eval_dataset is not None else None
 
     adapter_dir = out / "adapter"
