@@ -258,7 +258,7 @@ def _hub_records(name: str, split: str) -> tuple[list[tuple[str, Any]], dict]:
     fingerprint = getattr(ds, "_fingerprint", None)
     info = {"path": None, "hub_id": name, "split": split, "sha256": None, "fingerprint": fingerprint,
             "format": "hub"}
-    return list(_table_records(ds, label=f"row")), info
+    return list(_table_records(ds)), info
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,9 +280,13 @@ def sft_config(cfg: RunConfig, speed, *, output_dir: Path, strategy: str = "sing
     if strategy == "fsdp":
         # FSDP2, full shard; FSDP's own activation checkpointing replaces the trainer's (which would add a
         # redundant all-gather in backward).
-        recompute = bool(kwargs.get("gradient_checkpointing", False))
-        kwargs["gradient_checkpointing"] = False            # explicit: TRL's default is on
+        recompute = bool(kwargs.get("gradient_checkpointing") or kwargs.get("activation_checkpointing"))
+        for key in ("gradient_checkpointing", "activation_checkpointing"):
+            if key in kwargs:
+                kwargs[key] = False
+        kwargs.setdefault("gradient_checkpointing", False)  # explicit: TRL's default is on
         kwargs.pop("gradient_checkpointing_kwargs", None)
+        kwargs.pop("activation_checkpointing_kwargs", None)
         kwargs["fsdp"] = True
         kwargs["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "activation_checkpointing": recompute,
                                  "state_dict_type": "FULL_STATE_DICT"}
@@ -396,8 +400,10 @@ def _base_lineage(base: str) -> dict | None:
         return {"error": "unreadable cogumi.json"}
     if not man:
         return None
-    keep = ("kind", "cogumi_version", "created", "phase", "parents", "target", "forced", "fidelity", "base")
-    return {k: man[k] for k in keep if k in man}
+    # Everything lineage checks read (kind, parents, target, forced, red flags, quantized lineage, ...),
+    # without the bulky records that belong to the base's own run.
+    bulky = ("config", "libraries", "data", "speed", "eval", "resolved_config")
+    return {k: v for k, v in man.items() if k not in bulky}
 
 
 def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stats: dict, trainer,
