@@ -83,8 +83,10 @@ case "$MODE" in
   smoke)
     part env 120 $PY "$ENV_CHECK"
     part parity 120 $PY benchmarks/train_throughput.py --smoke --variants B --parity-only --out "$OUT/parity.json"
-    part train 300 $PY benchmarks/train_throughput.py --smoke --ablate "liger=off" --out "$OUT/train.json"
+    part train 300 $PY benchmarks/train_throughput.py --smoke --ablate "liger=off,speed.lora_autocast_inputs=false" \
+      --out "$OUT/train.json"
     part generate 300 $PY benchmarks/generate_throughput.py --smoke --out "$OUT/generate.json"
+    part agreement 120 $PY benchmarks/generate_throughput.py --smoke --prompts 6 --loop-prompts 6 --out "$OUT/agreement.json"
     if [ -f benchmarks/merge.py ]; then part merge 300 $PY benchmarks/merge.py --smoke; fi
     ;;
   probe)
@@ -100,13 +102,14 @@ case "$MODE" in
     ;;
   full)
     part env 60 $PY "$ENV_CHECK"
-    part parity 90 $PY benchmarks/train_throughput.py --shape tiny --device cuda --variants B --parity-only \
-      --rows 300 --out "$OUT/parity.json"
-    part train 300 $PY benchmarks/train_throughput.py --out "$OUT/train.json"
-    part generate 180 $PY benchmarks/generate_throughput.py --loop-prompts 3 --out "$OUT/generate.json"
+    part train 280 $PY benchmarks/train_throughput.py \
+      --ablate "grad_accum=1,speed.lora_autocast_inputs=false" --ablate "grad_accum=1" --out "$OUT/train.json"
+    part generate 150 $PY benchmarks/generate_throughput.py --loop-prompts 2 --out "$OUT/generate.json"
     if [ -f benchmarks/merge.py ]; then
-      part merge 240 $PY benchmarks/merge.py --shape 8b --out "$OUT/merge.json"
+      part merge 200 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi,peft-cpu --out "$OUT/merge.json"
     fi
+    part agreement 70 $PY benchmarks/generate_throughput.py --shape small --dtype float32 --prompts 8 \
+      --loop-prompts 8 --new-tokens 48 --batch-size 8 --out "$OUT/agreement.json"
     ;;
   *) echo "usage: $0 full|probe|smoke"; exit 2 ;;
 esac
@@ -114,7 +117,7 @@ esac
 echo
 echo "================ summary ($MODE, $(( $(date +%s) - START ))s) ================"
 cat "$OUT/summary.txt"
-for f in train parity generate merge flex; do
+for f in train generate merge agreement parity flex; do
   [ -f "$OUT/$f.log" ] || continue
   echo "--- $f"
   grep -E '^\||B/A|4N limit|^parity:|cogumi/loop|PARITY|^merge|Error|error:' "$OUT/$f.log" | grep -v Warning | tail -n 22

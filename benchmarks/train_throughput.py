@@ -276,17 +276,20 @@ def prepare_b_model(model, speed):
     from cogumi.speed import model_load_kwargs
     kw = model_load_kwargs(speed)               # registers cogumi_varlen when chosen
     model.set_attn_implementation(kw["attn_implementation"])
-    # build_trainer applies the rest (Liger kernels) itself, as `cogumi train` does
-    return ["attn:" + kw["attn_implementation"]] + (["liger:rope,rms_norm,swiglu"] if speed.use_liger else [])
+    # build_trainer applies the rest (Liger kernels, LoRA autocast inputs) itself, as `cogumi train` does
+    return (["attn:" + kw["attn_implementation"]] + (["liger:rope,rms_norm,swiglu"] if speed.use_liger else [])
+            + (["lora:autocast-inputs"] if speed.lora_autocast_inputs else []))
 
 
 def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, overrides: list[str] | None = None,
-                 micro_tokens: int | None = None, name: str = "B") -> tuple[dict, object]:
+                 speed_overrides: dict | None = None, name: str = "B") -> tuple[dict, object]:
     from cogumi.speed import batch_plan, resolve_speed_settings
     cfg = make_run_config(args, smoke, overrides)
     speed = resolve_speed_settings(cfg.training, device)
-    if micro_tokens:
-        speed.micro_batch_tokens = micro_tokens
+    for key, value in (speed_overrides or {}).items():
+        if not hasattr(speed, key):
+            raise SystemExit(f"--ablate: SpeedSettings has no field {key!r}")
+        setattr(speed, key, value)
     applied = prepare_b_model(model, speed)
     log(f"B speed settings: {json.dumps(speed.to_dict())} applied={applied}")
     trainer, built_by = build_b_trainer(cfg, model, tokenizer, dataset, speed)
@@ -297,7 +300,7 @@ def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, over
     trainer.train()
     per_device, accum = batch_plan(speed, cfg.training)
     result = {"variant": name, "built_by": built_by, "speed": speed.to_dict(), "applied": applied, "per_device_batch": per_device,
-              "grad_accum": accum, "overrides": (overrides or []) + ([f"micro={micro_tokens}"] if micro_tokens else []), **meter.summary(args.warmup),
+              "grad_accum": accum, "overrides": (overrides or []) + [f"speed.{k}={v}" for k, v in (speed_overrides or {}).items()], **meter.summary(args.warmup),
               "peak_gib": peak_gib(device),
               "logged": [{k: v for k, v in h.items() if k in ("step", "loss", "gpu_mem_allocated_gb",
                                                                 "gpu_mem_reserved_gb", "gpu_utilization")}
@@ -334,15 +337,19 @@ def release_b(trainer, device: str):
     return model
 
 
-def parse_ablation(spec: str) -> tuple[list[str], int | None]:
-    """'liger=off,micro=6144' -> (['liger=off'], 6144)."""
-    overrides, micro = [], None
+def parse_ablation(spec: str) -> tuple[list[str], dict]:
+    """'liger=off,micro=6144,speed.lora_autocast_inputs=false' -> (['liger=off'], {speed overrides})."""
+    import yaml
+    overrides, speed = [], {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        if item.startswith("micro="):
-            micro = int(item.split("=", 1)[1])
+        key, _, value = item.partition("=")
+        if key == "micro":
+            speed["micro_batch_tokens"] = int(value)
+        elif key.startswith("speed."):
+            speed[key[len("speed."):]] = yaml.safe_load(value)
         else:
             overrides.append(item)
-    return overrides, micro
+    return overrides, speed
 
 
 def packing_parity(trainer, device: str, tolerance: float, max_rows: int = 8) -> dict:
@@ -472,10 +479,10 @@ def main(argv=None) -> int:
             Path(args.out).write_text(json.dumps(results, indent=2))
     results["ablations"] = []
     for spec in ([] if args.parity_only else args.ablate):
-        overrides, micro = parse_ablation(spec)
+        overrides, speed_overrides = parse_ablation(spec)
         try:
-            r, trainer = run_cogumi_b(model, tokenizer, tok.to_dataset(), args, device, smoke, overrides, micro,
-                                      name=f"B[{spec}]")
+            r, trainer = run_cogumi_b(model, tokenizer, tok.to_dataset(), args, device, smoke, overrides,
+                                      speed_overrides, name=f"B[{spec}]")
             model = release_b(trainer, device)
             del trainer
         except Exception as e:          # an OOM or a failing option is a result too
@@ -491,7 +498,7 @@ def main(argv=None) -> int:
         if args.parity_only:
             args.steps, args.warmup = 1, 0
         results["B"], trainer = run_cogumi_b(model, tokenizer, tok.to_dataset(), args, device, smoke,
-                                             args.set, args.micro_tokens)
+                                             args.set, {"micro_batch_tokens": args.micro_tokens} if args.micro_tokens else None)
         log(f"B: {json.dumps({k: v for k, v in results['B'].items() if k not in ('step_times', 'step_tokens', 'speed')})}")
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         results["parity"] = packing_parity(trainer, device, tol)

@@ -49,3 +49,22 @@ def test_min_new_tokens_passes_through(model_and_tokenizer):
     out = generate_completions(model, tok, _conversations()[:2], max_new_tokens=6, batch_size=2, min_new_tokens=6)
     assert len(out) == 2
     assert generate_completions(model, tok, [], max_new_tokens=4) == []
+
+
+def test_static_greedy_loop_equals_model_generate(model_and_tokenizer):
+    """cogumi's short greedy loop gives token for token what model.generate gives (incl. min_new_tokens,
+    early end-of-sequence and left padding)."""
+    import torch
+    from cogumi.evaluation.generate import _greedy_static, _left_pad, render_prompts
+    model, tok = model_and_tokenizer
+    prompts = render_prompts(tok, _conversations())
+    ids, mask = _left_pad(prompts, max(map(len, prompts)) + 3, tok.pad_token_id, "cpu")
+    with torch.inference_mode():
+        for min_new in (0, 10):
+            ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, min_new_tokens=min_new)[:, ids.shape[1]:]
+            ours = _greedy_static(model, ids, mask, 10, tok.pad_token_id, min_new)
+            assert ours.shape[1] <= 10
+            width = max(ref.shape[1], ours.shape[1])
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id)  # noqa: E731
+            assert torch.equal(pad(ours), pad(ref))

@@ -61,6 +61,7 @@ class SpeedSettings:
     torch_compile: bool
     tf32: bool
     micro_batch_tokens: int | None = None   # with packing: tokens per micro-batch (packs = this // max_length)
+    lora_autocast_inputs: bool = False      # under bf16/fp16 autocast, feed LoRA its input without an fp32 copy
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -124,6 +125,7 @@ def resolve_speed_settings(training, device: str | None = None) -> SpeedSettings
         device=device, dtype=dtype, packing=packing, gradient_checkpointing=ckpt,
         use_liger=use_liger, optim=optim, attn_implementation=attn,
         torch_compile=bool(training.torch_compile), tf32=gpu, micro_batch_tokens=micro, notes=notes,
+        lora_autocast_inputs=gpu and dtype in ("bfloat16", "float16"),
     )
 
 
@@ -177,17 +179,63 @@ def model_load_kwargs(settings: SpeedSettings) -> dict:
 
 
 def apply_model_speedups(model, settings: SpeedSettings) -> list[str]:
-    """Apply Liger's layer kernels to a loaded model (call before PEFT wraps it). Returns what was applied.
+    """Speed-ups on a loaded model (call before PEFT wraps it). Returns what was applied.
 
-    Liger's fused linear cross-entropy is left off: TRL's SFTTrainer already computes the loss with its
-    own fused LM head (chunked, never materialising the 128K-vocab logits) and refuses Liger's.
+    * Liger's RoPE, RMSNorm and SwiGLU kernels. Its fused linear cross-entropy is left off: TRL's
+      SFTTrainer already computes the loss with its own fused LM head (chunked, never materialising the
+      128K-vocab logits) and refuses Liger's.
+    * LoRA inputs under autocast (``lora_autocast_inputs``): PEFT keeps adapter weights in fp32 and, before
+      each of the 7 adapters of a layer, copies the bf16 activation to fp32 (then dropout in fp32, then
+      autocast casts it back to bf16 for the matmul). Under autocast that round trip changes nothing but
+      costs several full-size copies per projection; it is skipped, only while autocast is on.
     """
-    if not settings.use_liger:
-        return []
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
-    return ["liger:rope", "liger:rms_norm", "liger:swiglu"]
+    applied = []
+    if settings.use_liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        applied += ["liger:rope", "liger:rms_norm", "liger:swiglu"]
+    if settings.lora_autocast_inputs and has_module("peft"):
+        install_lora_autocast_inputs(model)
+        applied.append("lora:autocast-inputs")
+    return applied
+
+
+def install_lora_autocast_inputs(model) -> None:
+    """Patch the LoRA layers PEFT will inject into ``model``: at its decoder's first forward (PEFT wraps
+    the model after this call, before training starts) every LoRA layer found skips the fp32 input copy
+    while autocast is enabled. Outside autocast PEFT's own casting is kept."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    state: dict = {}
+
+    def hook(module, args, kwargs):
+        if skip_lora_input_casts(module):
+            state["handle"].remove()
+
+    state["handle"] = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def skip_lora_input_casts(root) -> int:
+    """Give every LoRA layer under ``root`` an input cast that is a no-op under autocast. Returns how many."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    patched = 0
+    for module in root.modules():
+        if not isinstance(module, LoraLayer) or getattr(module, "_cogumi_autocast_inputs", False):
+            continue
+        original = module._cast_input_dtype
+
+        def cast(x, dtype, _original=original):
+            if (x is not None and dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+                    and torch.is_autocast_enabled(x.device.type)):
+                return x
+            return _original(x, dtype)
+
+        module._cast_input_dtype = cast
+        module._cogumi_autocast_inputs = True
+        patched += 1
+    return patched
 
 
 # ---------------------------------------------------------------------------------------------

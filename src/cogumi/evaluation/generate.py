@@ -12,8 +12,12 @@ Features
     (the one that could run out of memory) runs first.
   * On CUDA (``static_cache="auto"``): a static KV cache of one fixed shape for every batch (prompts
     left-padded to one width, the last batch filled up with copies of a prompt whose outputs are thrown
-    away), so transformers compiles the decode step once (torch.compile + CUDA graphs) and replays it;
-    the per-token Python/launch overhead of plain ``generate`` disappears. Measured in
+    away), so the one-token decode step is compiled once (transformers' own compiled call:
+    torch.compile + CUDA graphs) and replayed. The greedy loop around it is a short one here
+    (``_greedy_static``): ``model.generate`` spends more time per token in Python (logits processors,
+    stopping checks that synchronise with the GPU every token) than the compiled step takes on an H100.
+    It is used only when the generation config asks for nothing but greedy decoding (no repetition
+    penalty, bad words, ...); otherwise ``model.generate`` with a static cache. Measured in
     benchmarks/generate_throughput.py (docs/benchmarks.md).
   * Greedy decoding everywhere: batching changes no answer beyond the floating-point noise of the device
     (tests/test_generate.py checks batched == one-at-a-time exactly on the tiny fp32 model).
@@ -111,6 +115,13 @@ def _generate(model, ids, mask, max_new_tokens: int, pad_id: int, fast: bool, ge
     import torch
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, **generate_kwargs)
     with torch.inference_mode():
+        if fast and _plain_greedy(model, generate_kwargs):
+            try:
+                return _greedy_static(model, ids, mask, max_new_tokens, pad_id,
+                                      int(generate_kwargs.get("min_new_tokens") or 0))
+            except Exception as e:   # an unsupported model/cache/compiler: the library's loop instead
+                warnings.warn(f"cogumi's static greedy loop failed ({type(e).__name__}: {e}); "
+                              "using model.generate with a static cache")
         if fast:
             try:
                 gen = model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
@@ -120,3 +131,80 @@ def _generate(model, ids, mask, max_new_tokens: int, pad_id: int, fast: bool, ge
                               "generating this batch the plain way")
         gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return gen[:, ids.shape[1]:]
+
+
+# generation-config fields that add logits processing beyond plain greedy; any of them set -> model.generate
+_PROCESSOR_FIELDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                     "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
+                     "min_length": 0, "exponential_decay_length_penalty": None, "forced_decoder_ids": None}
+
+
+def _plain_greedy(model, generate_kwargs: dict) -> bool:
+    if set(generate_kwargs) - {"min_new_tokens"}:
+        return False
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return False
+    for name, neutral in _PROCESSOR_FIELDS.items():
+        value = getattr(gc, name, neutral)
+        if value not in (neutral, None) and not (name == "repetition_penalty" and value == 1.0):
+            return False
+    return True
+
+
+def _eos_ids(model) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _greedy_static(model, ids, mask, max_new_tokens: int, pad_id: int, min_new_tokens: int = 0):
+    """Greedy decoding with a static KV cache and a compiled one-token step; the same tokens as
+    ``model.generate(do_sample=False)`` (new tokens only; pad after a row's end-of-sequence token).
+
+    The GPU is asked whether every row has finished only every ``CHECK_EVERY`` tokens, so the host runs
+    ahead of the device instead of waiting for it after each token.
+    """
+    import inspect
+
+    import torch
+    from transformers import StaticCache
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(core.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    batch, width = ids.shape
+    total = width + max_new_tokens
+    cache = StaticCache(config=core.config, max_cache_len=total)
+    full_mask = torch.cat([mask, mask.new_ones(batch, max_new_tokens)], dim=1)   # future slots: causal mask
+    n_real = mask.sum(-1, keepdim=True)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache_positions = torch.arange(total, device=ids.device)
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    step = core.get_compiled_call(None) if ids.is_cuda and hasattr(core, "get_compiled_call") else core.__call__
+    eos = torch.tensor(_eos_ids(core), device=ids.device, dtype=torch.long)
+
+    out = core(input_ids=ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+               cache_position=cache_positions[:width], **{cache_kw: cache}, **extra)
+    logits = out.logits[:, -1]
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
+    for t in range(max_new_tokens):
+        scores = logits.float()
+        if t < min_new_tokens and eos.numel():
+            scores[:, eos] = float("-inf")
+        nxt = torch.where(unfinished, scores.argmax(-1), torch.full_like(unfinished, pad_id, dtype=torch.long))
+        tokens[:, t] = nxt
+        if eos.numel():
+            unfinished &= ~torch.isin(nxt, eos)
+        if t == max_new_tokens - 1 or ((t + 1) % CHECK_EVERY == 0 and not bool(unfinished.any())):
+            return tokens[:, :t + 1]
+        out = step(input_ids=nxt[:, None], attention_mask=full_mask, position_ids=n_real + t, use_cache=True,
+                   cache_position=cache_positions[width + t:width + t + 1].clone(), **{cache_kw: cache}, **extra)
+        logits = out.logits[:, -1]
+    return tokens
+
+
+CHECK_EVERY = 16
