@@ -152,12 +152,30 @@ def count_packs(lengths: list[int], max_length: int) -> int:
     return len(pack_dataset(ds, max_length, "bfd"))
 
 
+TARGET_GPU_GIB = 80           # estimating on a machine without a GPU: plan for one H100 80GB
+
+
+def target_speed_settings(training, device: str):
+    """The settings ``cogumi train`` will resolve on the target device. Estimating for CUDA on a machine
+    without a GPU (a laptop planning the rented H100 run), the card-size choices are made for an 80 GB card."""
+    from cogumi import speed as sp
+    settings = sp.resolve_speed_settings(training, device)
+    if device == "cuda" and sp.gpu_memory_gib() is None:
+        if training.gradient_checkpointing == "auto":
+            settings.gradient_checkpointing = TARGET_GPU_GIB < sp.BIG_GPU_GIB
+        if settings.packing:
+            settings.micro_batch_tokens = (sp.MICRO_BATCH_TOKENS_CKPT if settings.gradient_checkpointing
+                                           else sp.MICRO_BATCH_TOKENS_NO_CKPT)
+        settings.notes.append(f"no GPU on this machine: planned for one {TARGET_GPU_GIB} GB card")
+    return settings
+
+
 def estimate(cfg: RunConfig, *, tokens_per_second: float | None = None, usd_per_hour: float | None = None,
              device: str = "cuda", processes: int = 1, sample_rows: int = SAMPLE_ROWS,
              sample_threshold: int = SAMPLE_THRESHOLD, tokenizer=None) -> dict:
     """Everything ``cogumi estimate`` prints, as a dict."""
     from cogumi.data import load_rows, split_holdout, tokenize_rows
-    from cogumi.speed import batch_plan, resolve_speed_settings
+    from cogumi.speed import batch_plan
 
     t, d = cfg.training, cfg.data
     loaded = load_rows(d.train, split=d.split, system_prompt=d.system_prompt)
@@ -172,7 +190,7 @@ def estimate(cfg: RunConfig, *, tokens_per_second: float | None = None, usd_per_
     rows_kept = round(s["kept"] * scale)
     tokens_epoch = round(s["tokens"] * scale)
 
-    speed = resolve_speed_settings(t, device)
+    speed = target_speed_settings(t, device)
     per_device, accum = batch_plan(speed, t)
     if speed.packing:
         sequences = math.ceil(count_packs([len(x) for x in tok.input_ids], t.max_length) * scale)
