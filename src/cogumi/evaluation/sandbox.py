@@ -16,7 +16,11 @@ Layers (each one that is available is used; ``RunResult.layers`` and ``isolation
     denied (ABI >= 4); signals to processes outside the sandbox denied (ABI >= 6);
   * seccomp (x86_64 / aarch64): no new processes (fork/vfork/clone without CLONE_THREAD/exec), no
     ptrace / process_vm_*, no signals except to itself, no raising rlimits, no priority games, no sockets
-    but AF_UNIX, no namespaces/mounts, no io_uring/bpf -- RLIMIT_NPROC alone does nothing for root;
+    but AF_UNIX, no namespaces/mounts, no io_uring/bpf, no chmod/chown/utime/xattr (Landlock does not
+    cover file metadata), no device nodes, no administration calls -- RLIMIT_NPROC alone does nothing
+    for root;
+  * no capabilities (``capset`` to zero; any Linux): root inside cannot make device nodes, set the clock,
+    chroot, mount, chown to others, override file permissions or raise hard rlimits;
   * rlimits: CPU seconds, address space, file size (caps stdout floods too), open files, no core dumps;
   * an in-process audit hook (PEP 578), also the fallback where the kernel layers are missing: blocks
     ctypes, process creation, sockets, signals to others, rlimit changes, writes/deletes outside the work
@@ -81,6 +85,7 @@ class Policy:
     namespaces: bool = True
     landlock: bool = True
     seccomp: bool = True
+    drop_capabilities: bool = True
     audit: bool = True
 
 
@@ -144,6 +149,8 @@ def _main():
         abi = _landlock(cfg["work"])
         if abi:
             layers.append("landlock%d" % abi)
+    if cfg["nocaps"] and _drop_capabilities():
+        layers.append("nocaps")
     if cfg["seccomp"] and _seccomp():
         layers.append("seccomp")
     for name in ("ctypes", "_ctypes", "ctypes._endian"):
@@ -274,6 +281,14 @@ def _set_rlimits(cfg):
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
 
+def _readable_roots():
+    """What the program may read besides its work dir: the Python install, system libraries, time zones."""
+    roots = set(p for p in sys.path if p) | {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                                             "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo",
+                                             "/etc/localtime", "/dev/urandom", "/dev/null"}
+    return sorted(os.path.realpath(p) for p in roots if os.path.exists(p))
+
+
 def _landlock(work):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -299,11 +314,9 @@ def _landlock(work):
     if rfd < 0:
         return 0
     read_file, read_dir, write_file, truncate, ioctl = 4, 8, 2, (1 << 14 if abi >= 3 else 0), (1 << 15 if abi >= 5 else 0)
-    rules = [(work, fs_all)]
-    readable = set(p for p in sys.path if p) | {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                                                  "/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo",
-                                                  "/etc/localtime", "/dev/urandom"}
-    for p in sorted(readable):
+    make_char, make_block = 64, 2048  # no device nodes, even inside the work dir
+    rules = [(work, fs_all & ~(make_char | make_block))]
+    for p in _readable_roots():
         if os.path.exists(p):
             rules.append((p, read_file | read_dir if os.path.isdir(p) else read_file))
     rules.append((os.devnull, read_file | write_file | truncate | ioctl))
@@ -333,7 +346,23 @@ _SYSCALLS = {
     "io_uring_setup": (425, 425), "bpf": (321, 280), "clone": (56, 220), "clone3": (435, 435),
     "kill": (62, 129), "tgkill": (234, 131), "prlimit64": (302, 261), "socket": (41, 198),
     "pidfd_open": (434, 434), "process_madvise": (440, 440), "kcmp": (312, 272),
+    # file metadata: Landlock does not govern these, and the owner (root, for root-owned files) may use them
+    "chmod": (90, None), "fchmod": (91, 52), "fchmodat": (268, 53), "fchmodat2": (452, 452),
+    "chown": (92, None), "fchown": (93, 55), "lchown": (94, None), "fchownat": (260, 54),
+    "utime": (132, None), "utimes": (235, None), "futimesat": (261, None), "utimensat": (280, 88),
+    "setxattr": (188, 5), "lsetxattr": (189, 6), "fsetxattr": (190, 7), "removexattr": (197, 14),
+    "lremovexattr": (198, 15), "fremovexattr": (199, 16), "mknod": (133, None), "mknodat": (259, 33),
+    # administration (capabilities are dropped too; this is the second lock)
+    "reboot": (169, 142), "open_by_handle_at": (304, 265), "sethostname": (170, 161),
+    "setdomainname": (171, 162), "settimeofday": (164, 170), "clock_settime": (227, 112),
+    "clock_adjtime": (305, 266), "adjtimex": (159, 171), "init_module": (175, 105), "finit_module": (313, 273),
+    "delete_module": (176, 106), "kexec_load": (246, 104), "kexec_file_load": (320, 294), "swapon": (167, 224),
+    "swapoff": (168, 225), "acct": (163, 89), "pivot_root": (155, 41), "chroot": (161, 51),
+    "perf_event_open": (298, 241), "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
+    "userfaultfd": (323, 282), "fanotify_init": (300, 262), "quotactl": (179, 60), "iopl": (172, None),
+    "ioperm": (173, None), "vhangup": (153, 58), "syslog": (103, 116), "capset": (126, 91),
 }
+_DENIED = [name for name in _SYSCALLS if name not in ("clone", "clone3", "kill", "tgkill", "prlimit64", "socket")]
 
 
 def _seccomp():
@@ -353,11 +382,7 @@ def _seccomp():
         prog += [(JGE, 0, 1, 0x40000000), (RET, 0, 0, EPERM)]  # x32 ABI
     arg_lo = lambda i: 16 + 8 * i
     arg_hi = lambda i: 20 + 8 * i
-    for name in ("fork", "vfork", "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev",
-                 "setsid", "setpgid", "setrlimit", "unshare", "setns", "mount", "tkill", "rt_sigqueueinfo",
-                 "rt_tgsigqueueinfo", "pidfd_send_signal", "setpriority", "sched_setscheduler",
-                 "sched_setattr", "sched_setaffinity", "io_uring_setup", "bpf", "pidfd_open",
-                 "process_madvise", "kcmp"):
+    for name in _DENIED:
         if name in nr:
             prog += [(JEQ, 0, 1, nr[name]), (RET, 0, 0, EPERM)]
     prog += [(JEQ, 0, 1, nr["clone3"]), (RET, 0, 0, ENOSYS)]  # glibc falls back to clone for threads
@@ -384,6 +409,26 @@ def _seccomp():
     return libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0
 
 
+def _drop_capabilities():
+    """capset(all zero): root without capabilities cannot mknod devices, reboot, set the clock, mount,
+    chown to others, override file permissions or raise hard rlimits."""
+    import ctypes
+    machine = os.uname().machine
+    nr = {"x86_64": 126, "aarch64": 91}.get(machine)
+    if nr is None:
+        return False
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()
+    return libc.syscall(nr, ctypes.byref(header), ctypes.byref(data)) == 0
+
+
 def _install_audit_hook(work, state):
     import os.path as osp
     real = osp.realpath
@@ -401,15 +446,23 @@ def _install_audit_hook(work, state):
     two_paths = {"os.rename", "os.link", "os.symlink", "shutil.move", "shutil.copyfile", "shutil.copytree"}
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
+    readable = tuple(_readable_roots())
+
+    def resolve(path):
+        p = os.fsdecode(path)
+        return real(p if osp.isabs(p) else osp.join(os.getcwd(), p))
+
+    def under(full, roots):
+        return any(full == r or full.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
     def inside(path):
+        if isinstance(path, int):
+            return True
         try:
-            p = os.fsdecode(path) if not isinstance(path, int) else None
+            full = resolve(path)
         except Exception:
             return False
-        if p is None:
-            return True
-        full = real(p if osp.isabs(p) else osp.join(os.getcwd(), p))
-        return full == work or full.startswith(work + os.sep) or full == os.devnull
+        return under(full, (work,)) or full == os.devnull
 
     def deny(event):
         raise PermissionError("cogumi sandbox: %s is not allowed" % event)
@@ -434,12 +487,19 @@ def _install_audit_hook(work, state):
             path, mode, flags = args
             if isinstance(path, int):
                 return
-            name = os.fsdecode(path)
-            if name.startswith("/proc") or name.startswith("/sys"):
-                deny("reading " + name)
             writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & write_flags
             if writes and not inside(path):
                 deny("writing outside the work dir")
+            if not writes and not inside(path):
+                try:
+                    full = resolve(path)
+                except Exception:
+                    deny("reading an unresolvable path")
+                if not under(full, readable):
+                    deny("reading " + full)
+        elif event in ("os.listdir", "os.scandir") and args[0] is not None and not isinstance(args[0], int):
+            if not inside(args[0]) and not under(resolve(args[0]), readable):
+                deny("listing " + os.fsdecode(args[0]))
         elif event in mutate:
             if not inside(args[0]):
                 deny(event + " outside the work dir")
@@ -533,10 +593,17 @@ def _await_exit(pids: list[int], deadline: float) -> list[int]:
     return _alive(pids)
 
 
-def _cpu_and_state(pids: list[int]) -> tuple[float, str]:
-    """CPU seconds used and the scheduler state ('R', 'S', ...) of the busiest process."""
+@dataclass
+class _Usage:
+    cpu_s: float = 0.0          # user + system CPU of the busiest sandboxed process
+    state: str = "?"            # its scheduler state: R runnable, S sleeping, D disk wait, ...
+    runqueue_wait_s: float | None = None  # time spent runnable but waiting for a CPU (schedstat)
+    nice: int = 0
+
+
+def _usage(pids: list[int]) -> _Usage:
     tick = os.sysconf("SC_CLK_TCK")
-    best_cpu, state = 0.0, "?"
+    best = _Usage()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
@@ -544,9 +611,26 @@ def _cpu_and_state(pids: list[int]) -> tuple[float, str]:
         except OSError:
             continue
         cpu = (int(fields[11]) + int(fields[12])) / tick
-        if cpu >= best_cpu:
-            best_cpu, state = cpu, fields[0]
-    return best_cpu, state
+        if cpu < best.cpu_s and best.state != "?":
+            continue
+        wait = None
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                wait = int(f.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            pass
+        best = _Usage(cpu, fields[0], wait, int(fields[16]))
+    return best
+
+
+def _starved(u: _Usage, timeout: float) -> bool:
+    """Runnable but kept off the CPU by the machine (not by itself: a program that raised its own
+    niceness is not starved, it is cheating)."""
+    if u.cpu_s >= 0.1 * timeout or u.nice > os.getpriority(os.PRIO_PROCESS, 0):
+        return False
+    if u.runqueue_wait_s is not None:
+        return u.runqueue_wait_s >= 0.5 * timeout
+    return u.state == "R"
 
 
 def _kill_group(pgid: int) -> None:
@@ -584,7 +668,7 @@ def _read_tail(path: Path, limit: int) -> str:
 _SIGNAL_REASONS = {
     signal.SIGXCPU: "killed: CPU time limit exceeded",
     signal.SIGKILL: "killed (SIGKILL): memory or CPU limit, or it killed itself",
-    signal.SIGSEGV: "crashed (SIGSEGV): e.g. recursion past the C stack",
+    signal.SIGSEGV: "crashed (SIGSEGV): e.g. recursion past the C stack, or a bad pointer",
     signal.SIGXFSZ: "killed: file size limit exceeded (output flood?)",
     signal.SIGABRT: "crashed (SIGABRT)",
 }
@@ -622,6 +706,7 @@ def _run_in(root: Path, program: str, tests: str, timeout: float, limits: Limits
            "work": str(work), "result_fd": result_fd, "ready_fd": ready_w,
            "cpu_s": int(timeout) + 2, "memory": limits.memory_mb << 20, "fsize": limits.file_size_mb << 20,
            "nofile": limits.open_files, "landlock": policy.landlock, "seccomp": policy.seccomp,
+           "nocaps": policy.drop_capabilities,
            "audit": policy.audit}
     prefix = _unshare_prefix() if policy.namespaces else []
     cmd = prefix + [python, "-I", "-c", RUNNER, json.dumps(cfg), marker]
@@ -638,12 +723,11 @@ def _run_in(root: Path, program: str, tests: str, timeout: float, limits: Limits
             proc.stdin.close()
         except OSError:
             pass
-        timed_out, cpu, state = False, None, "?"
+        usage = None
         try:
             proc.wait(timeout=max(0.1, timeout - (time.monotonic() - start)))
         except subprocess.TimeoutExpired:
-            timed_out = True
-            cpu, state = _cpu_and_state(_processes_with(marker))
+            usage = _usage(_processes_with(marker))
         _kill_group(proc.pid)
         proc.wait()
     survivors = _alive(_processes_with(marker))
@@ -657,21 +741,21 @@ def _run_in(root: Path, program: str, tests: str, timeout: float, limits: Limits
     with os.fdopen(ready_r, "rb") as f:
         layers_text = f.read().decode("utf-8", "replace")
     result = _read_tail(io / "result", 64 << 10)
-    res = RunResult("failed", "", returncode=proc.returncode, wall_s=wall, cpu_s=cpu,
+    res = RunResult("failed", "", returncode=proc.returncode, wall_s=wall, cpu_s=usage.cpu_s if usage else None,
                     stdout=_read_tail(io / "stdout", limits.keep_output),
                     stderr=_read_tail(io / "stderr", limits.keep_output),
                     layers=tuple(x for x in layers_text.split(",") if x and x != "compile-error"),
                     survivors=len(survivors))
     if prefix and res.layers:
         res.layers = ("pidns", "netns") + res.layers
-    res.status, res.detail = _classify(res, result, nonce, layers_text, timed_out, timeout, cpu, state)
+    res.status, res.detail = _classify(res, result, nonce, layers_text, usage, timeout)
     if survivors:
         res.status, res.detail = "infra_error", f"sandbox: {len(survivors)} process(es) survived SIGKILL"
     return res
 
 
-def _classify(res: RunResult, result: str, nonce: str, layers_text: str, timed_out: bool, timeout: float,
-              cpu: float | None, state: str) -> tuple[str, str]:
+def _classify(res: RunResult, result: str, nonce: str, layers_text: str, usage: _Usage | None,
+              timeout: float) -> tuple[str, str]:
     lines = result.splitlines()
     if f"pass {nonce}" in lines:
         return "passed", "passed all tests"
@@ -683,18 +767,19 @@ def _classify(res: RunResult, result: str, nonce: str, layers_text: str, timed_o
         except json.JSONDecodeError:
             first_error = errors[0][:300]
     if not layers_text:
-        if timed_out:
+        if usage is not None:
             return "infra_error", f"sandbox: the interpreter did not start within {timeout:g}s"
         tail = res.stderr.strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
         return "infra_error", f"sandbox: the runner did not start ({tail[0][:300]})"
     if layers_text == "compile-error":
         return "failed", first_error or "program does not compile"
-    if timed_out:
-        if cpu is not None and cpu < 0.25 * timeout and state == "R":
-            return "infra_error", (f"harness timeout: runnable but got only {cpu:.2f}s CPU in {timeout:g}s "
-                                   "(machine overloaded; not the program's fault)")
-        how = "computing" if cpu is not None and cpu >= 0.25 * timeout else "blocked or sleeping"
-        return "timeout", f"timeout after {timeout:g}s ({how}, {cpu or 0:.2f}s CPU)"
+    if usage is not None:
+        if _starved(usage, timeout):
+            return "infra_error", (f"harness timeout: the program waited {usage.runqueue_wait_s or 0:.1f}s for a CPU "
+                                   f"and got {usage.cpu_s:.2f}s in {timeout:g}s (machine overloaded; not the "
+                                   "program's fault)")
+        how = "computing" if usage.state == "R" or usage.cpu_s >= 0.1 * timeout else "blocked or sleeping"
+        return "timeout", f"timeout after {timeout:g}s ({how}, {usage.cpu_s:.2f}s CPU)"
     if first_error:
         return "failed", first_error
     rc = res.returncode

@@ -1,0 +1,4 @@
+"""raise KeyboardInterrupt / GeneratorExit (BaseException, not Exception) from the solution."""
+# tags: cheat
+def solve(x):
+    raise KeyboardInterrupt
