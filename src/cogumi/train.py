@@ -332,6 +332,9 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
         from accelerate import PartialState
         strategy = distributed_strategy(cfg, speed, model.config.to_dict(), PartialState().num_processes)
     args = sft_config(cfg, speed, output_dir=out / "checkpoints", strategy=strategy)
+    from cogumi.data import PARALLEL_ROWS
+    if len(train_dataset) > PARALLEL_ROWS:          # TRL's label building / packing maps, on big sets
+        args.dataset_num_proc = min(8, os.cpu_count() or 1)
     if callbacks is None:
         callbacks = make_callbacks(cfg, out, log, prior_wall_s=prior_wall_s)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
