@@ -228,7 +228,8 @@ def _ideal_answer(item: Item) -> str:
         worked = re.sub(r"<<[^>]*>>", "", item.data["answer"])  # drop calculator annotations
         return worked.strip()
     if item.task == "mbpp":
-        return f"```python\n{item.data['code'].strip()}\n```"
+        code = item.data["code"].replace("\r\n", "\n").strip()  # MBPP full stores CRLF line ends
+        return f"```python\n{code}\n```"
     return f"```python\n{(item.data['prompt'] + item.data['canonical_solution']).rstrip()}\n```"
 
 
@@ -350,10 +351,10 @@ def extract_code(completion: str, function: str | None = None) -> str:
                 return body
     if blocks:
         return blocks[0]
-    opened = re.search(r"```[ \t]*(?:python|py|python3)?[^\n]*\n", completion)
-    if opened:  # an opening fence that never closed: the generation was cut off
-        return completion[opened.end():]
-    return _trim_prose(completion)
+    fences = list(re.finditer(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*(\n|$)", completion))
+    if len(fences) % 2 == 1 and fences[-1].group(1).lower() in _CODE_LANGS:
+        return completion[fences[-1].end():]  # an opening fence that never closed: generation cut off
+    return _trim_prose(_FENCE.sub("", completion))  # fenced non-code blocks (```text, ```bash) are prose
 
 
 def _trim_prose(text: str) -> str:
