@@ -6,8 +6,8 @@ interpreter and says ``passed`` / ``failed`` (with the error) / ``timeout`` / ``
 
 Layers (each one that is available is used; ``RunResult.layers`` and ``isolation()`` say which):
   * process: its own session and process group (``setsid``), a wall-clock timeout, the whole group
-    SIGKILLed at the end, then ``/proc`` scanned for any process still carrying the run's marker
-    (none may survive; survivors are killed and reported as an infrastructure error);
+    SIGKILLed at the end, then ``/proc`` scanned for any process still carrying the run's marker (one
+    found is killed again and awaited through a pidfd; one that still lives is an infrastructure error);
   * namespaces (``unshare --net --pid --fork --mount-proc --kill-child``; ``--map-root-user`` when not
     root): no network interface but a downed loopback, its own PID space (it cannot see or signal outside
     processes; when its init dies the kernel kills everything in it);
