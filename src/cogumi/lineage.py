@@ -436,6 +436,10 @@ def expected_parameter_count(cfg: dict) -> int | None:
     return a["vocab"] * h * (1 if a["tied"] else 2) + a["layers"] * per_layer + h
 
 
+def human_count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def human_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{int(n):,} bytes"
 
@@ -446,15 +450,15 @@ def weights_findings(model_dir: Path, cfg: dict, entries: dict[str, TensorEntry]
     if not entries:
         return [Finding("red", "no-weights", f"{model_dir}: no *.safetensors weights here",
                         "copy the model's safetensors shards into this directory")]
-    quant_tensors = [n for n, e in entries.items()
-                     if n.endswith(QUANTIZED_TENSOR_SUFFIXES) or ".quant_state." in n
-                     or (n.endswith(".weight") and e.dtype not in FLOAT_DTYPES)]
+    packed = [n for n, e in entries.items() if n.endswith(".weight") and e.dtype not in FLOAT_DTYPES]
+    aux = [n for n in entries if n.endswith(QUANTIZED_TENSOR_SUFFIXES) or ".quant_state." in n]
+    quant_tensors = packed + [n for n in aux if n not in packed]
     if quant_tensors:
         out.append(Finding("red", "quantized-tensors",
                            f"{model_dir}: {len(quant_tensors)} tensor(s) are stored quantized/packed "
                            f"(e.g. {quant_tensors[0]} {entries[quant_tensors[0]].dtype}). {INCIDENT}",
                            FULL_PRECISION_HINT))
-    float_dtypes = {e.dtype for e in entries.values() if e.dtype in FLOAT_DTYPES}
+    float_dtypes = {e.dtype for n, e in entries.items() if e.dtype in FLOAT_DTYPES and n not in aux}
     declared = CONFIG_DTYPE_TO_SAFETENSORS.get(str(config_dtype(cfg)))
     if declared and float_dtypes and float_dtypes != {declared}:
         out.append(Finding("warn", "dtype-mismatch",
@@ -475,7 +479,7 @@ def weights_findings(model_dir: Path, cfg: dict, entries: dict[str, TensorEntry]
         want = expected_params * bytes_per
         if total < 0.9 * want:
             out.append(Finding("red", "size-too-small",
-                               f"{model_dir}: weights take {human_bytes(total)} but {expected_params / 1e9:.2f}B "
+                               f"{model_dir}: weights take {human_bytes(total)} but {human_count(expected_params)} "
                                f"parameters x {bytes_per} bytes ({config_dtype(cfg) or 'the weights dtype'}) should "
                                f"take about {human_bytes(want)}: quantized, truncated or incomplete",
                                "re-merge into the full-precision base with `cogumi merge`"))
@@ -563,8 +567,13 @@ def recorded_base(adapter_cfg: dict, manifest: dict | None) -> dict:
     return rec
 
 
-def manifest_lineage_findings(manifest: dict | None, where: str, _depth: int = 0) -> list[Finding]:
-    """Red flags a manifest carries forward: a forced merge, a quantized base anywhere upstream."""
+def manifest_lineage_findings(manifest: dict | None, where: str, _depth: int = 0, *,
+                              quantized_handled: bool = False) -> list[Finding]:
+    """Red flags a manifest carries forward: a forced merge, a quantized base anywhere upstream.
+
+    A merge that knowingly handled a 4-bit-trained adapter (``--target dequantized/auto``, recorded as
+    ``lineage_quantized`` without ``forced``) reports it as a warning instead of repeating the adapter's
+    red flag; a forced merge is red."""
     if not manifest or _depth > 8:
         return []
     out: list[Finding] = []
@@ -579,7 +588,7 @@ def manifest_lineage_findings(manifest: dict | None, where: str, _depth: int = 0
                            f"{where} comes from an adapter trained on a 4-bit base, merged into the "
                            f"'{manifest.get('target')}' target (chosen: {manifest.get('target_reason', 'by the user')})",
                            "compare it against a model trained on the full-precision base before shipping"))
-    if manifest.get("kind") == "adapter" and (manifest.get("base") or {}).get("quantized"):
+    if manifest.get("kind") == "adapter" and (manifest.get("base") or {}).get("quantized") and not quantized_handled:
         out.append(Finding("red", "quantized-lineage",
                            f"{where} was trained on a quantized base {(manifest.get('base') or {}).get('id')}. {INCIDENT}",
                            FULL_PRECISION_HINT))
@@ -587,9 +596,11 @@ def manifest_lineage_findings(manifest: dict | None, where: str, _depth: int = 0
         nested = (manifest.get("base") or {}).get(key)
         if isinstance(nested, dict):
             out += manifest_lineage_findings(nested, f"{where}'s base", _depth + 1)
+    handled = manifest.get("kind") == "merged" and bool(manifest.get("lineage_quantized"))
     for parent_name, parent in (manifest.get("parents") or {}).items():
         if isinstance(parent, dict) and isinstance(parent.get("lineage"), dict):
-            out += manifest_lineage_findings(parent["lineage"], f"{where}'s {parent_name}", _depth + 1)
+            out += manifest_lineage_findings(parent["lineage"], f"{where}'s {parent_name}", _depth + 1,
+                                             quantized_handled=handled)
     return out
 
 

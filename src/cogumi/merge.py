@@ -731,11 +731,16 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
             os.kill(os.getpid(), signal.SIGKILL)
 
     def writer():
-        current, out = -1, None
+        current, out, finished = -1, None, False
         try:
             while True:
                 item = write_q.get()
                 if item is None:
+                    finished = True
+                    if budget.failed:            # the merge stopped: leave the partial shard as it is
+                        if out is not None:
+                            out.abort()
+                        return
                     break
                 si, t, kind, payload, held = item
                 if si != current:
@@ -760,7 +765,7 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
             budget.fail()
             if out is not None:
                 out.abort()
-            while write_q.get() is not None:     # drain so the producer never blocks
+            while not finished and write_q.get() is not None:     # drain until the main thread's end marker
                 pass
 
     threads = [threading.Thread(target=reader, daemon=True, name="cogumi-merge-read"),
