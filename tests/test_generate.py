@@ -68,3 +68,25 @@ def test_static_greedy_loop_equals_model_generate(model_and_tokenizer):
             width = max(ref.shape[1], ours.shape[1])
             pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=tok.pad_token_id)  # noqa: E731
             assert torch.equal(pad(ours), pad(ref))
+
+
+def test_decode_attention_matches_sdpa_for_grouped_query_heads():
+    """One-token attention over a padded cache: the GQA view path equals transformers' SDPA."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from cogumi.evaluation.generate import decode_attention_forward
+
+    class Attn(torch.nn.Module):
+        num_key_value_groups = 4
+        is_causal = True
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[0, ..., :4] = False          # left padding of row 0
+    mask[1, ..., 7:] = False          # cache slots not written yet
+    ours, _ = decode_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (3, 1, 8, 16)
+    assert torch.allclose(ours, ref, atol=1e-6)
