@@ -1,0 +1,159 @@
+"""Speed settings: device defaults, clean degradation, packed attention that never crosses rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cogumi import speed
+from cogumi.config import TrainingConfig
+
+
+def _cuda_settings(monkeypatch, *, gib: float | None, liger_installed: bool, **training):
+    monkeypatch.setattr(speed, "gpu_memory_gib", lambda: gib)
+    real = speed.has_module
+    monkeypatch.setattr(speed, "has_module", lambda name: liger_installed if name == "liger_kernel" else real(name))
+    return speed.resolve_speed_settings(TrainingConfig(**training), "cuda")
+
+
+def test_cpu_defaults_are_plain():
+    s = speed.resolve_speed_settings(TrainingConfig(), "cpu")
+    assert (s.dtype, s.packing, s.attn_implementation, s.use_liger, s.optim) == \
+        ("float32", False, "sdpa", False, "adamw_torch")
+    assert not s.lora_autocast_inputs and s.micro_batch_tokens is None
+    assert speed.batch_plan(s, TrainingConfig()) == (8, 4)
+
+
+def test_big_gpu_defaults(monkeypatch):
+    s = _cuda_settings(monkeypatch, gib=79.2, liger_installed=True)
+    assert s.dtype == "bfloat16" and s.packing and s.attn_implementation == speed.VARLEN_ATTENTION
+    assert not s.gradient_checkpointing and s.micro_batch_tokens == speed.MICRO_BATCH_TOKENS_NO_CKPT
+    assert s.use_liger and s.optim == "adamw_torch_fused" and s.lora_autocast_inputs
+    # 32 packs of 2048 per optimizer step, 2 per micro-batch
+    assert speed.batch_plan(s, TrainingConfig()) == (2, 16)
+    kw = speed.trainer_speed_kwargs(s, TrainingConfig())
+    assert kw["packing"] and kw["packing_strategy"] == "bfd" and kw["bf16"] and not kw["gradient_checkpointing"]
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (2, 16)
+
+
+def test_smaller_gpu_recomputes_and_missing_liger_degrades(monkeypatch):
+    s = _cuda_settings(monkeypatch, gib=40.0, liger_installed=False, liger="on")
+    assert s.gradient_checkpointing and s.micro_batch_tokens == speed.MICRO_BATCH_TOKENS_CKPT
+    assert not s.use_liger and any("liger" in n for n in s.notes)
+    assert speed.apply_model_speedups(torch.nn.Linear(2, 2), s.__class__(**{**s.to_dict(),
+                                                                           "lora_autocast_inputs": False})) == []
+    kw = speed.trainer_speed_kwargs(s, TrainingConfig())
+    assert kw["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+
+
+def test_explicit_knobs_win(monkeypatch):
+    s = _cuda_settings(monkeypatch, gib=79.2, liger_installed=True, packing="off", liger="off", gradient_checkpointing="on",
+                       attn_implementation="eager", optim="adamw_torch")
+    assert (s.packing, s.use_liger, s.gradient_checkpointing, s.attn_implementation, s.optim) == \
+        (False, False, True, "eager", "adamw_torch")
+    assert speed.batch_plan(s, TrainingConfig(batch_size=3, grad_accum=5)) == (3, 5)
+
+
+def test_flash_varlen_is_not_trusted_without_cuda():
+    assert speed.check_flash_varlen() is False or torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# packed attention
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_varlen_model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    speed.register_varlen_attention()
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=speed.VARLEN_ATTENTION,
+                                            dtype=torch.float32).eval()
+
+
+def _pack(rows):
+    ids = torch.cat(rows)[None]
+    pos = torch.cat([torch.arange(len(r)) for r in rows])[None]
+    cu, longest = speed.cu_seqlens_from_position_ids(pos)
+    return ids, pos, {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def test_packed_rows_equal_rows_alone(tiny_varlen_model):
+    m = tiny_varlen_model
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 300, (n,), generator=g) for n in (7, 12, 5)]
+    ids, pos, cu = _pack(rows)
+    assert cu["cu_seq_lens_q"].tolist() == [0, 7, 19, 24] and cu["max_length_q"] == 12
+    with torch.no_grad():
+        alone = torch.cat([m(input_ids=r[None]).logits[0] for r in rows])
+        packed = m(input_ids=ids, position_ids=pos, **cu).logits[0]
+        from_positions = m(input_ids=ids, position_ids=pos).logits[0]     # boundaries read off position_ids
+        naive = m(input_ids=ids).logits[0]                                # one long sequence: crosses rows
+    assert torch.allclose(packed, alone, atol=1e-5)
+    assert torch.allclose(from_positions, alone, atol=1e-5)
+    assert not torch.allclose(naive[7:], alone[7:], atol=1e-3)
+
+
+def test_changing_one_row_moves_no_other_row(tiny_varlen_model):
+    m = tiny_varlen_model
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 300, (n,), generator=g) for n in (9, 6, 11)]
+    ids, pos, cu = _pack(rows)
+    changed = ids.clone()
+    changed[0, 1:9] = torch.randint(0, 300, (8,), generator=g)
+    with torch.no_grad():
+        a = m(input_ids=ids, position_ids=pos, **cu).logits[0, 9:]
+        b = m(input_ids=changed, position_ids=pos, **cu).logits[0, 9:]
+    assert torch.equal(a, b)
+
+
+def test_padded_batches_still_use_sdpa_semantics(tiny_varlen_model):
+    from transformers import AutoModelForCausalLM
+    m = tiny_varlen_model
+    ref = AutoModelForCausalLM.from_config(m.config, attn_implementation="sdpa", dtype=torch.float32).eval()
+    ref.load_state_dict(m.state_dict())
+    x = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        assert torch.allclose(m(input_ids=x, attention_mask=mask).logits, ref(input_ids=x, attention_mask=mask).logits,
+                              atol=1e-6)
+
+
+def test_padding_free_batch_must_be_one_row(tiny_varlen_model):
+    q = torch.randn(2, 4, 6, 8)
+    kv = torch.randn(2, 2, 6, 8)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="one row"):
+        speed.varlen_attention_forward(None, q, kv, kv, None, cu_seq_lens_q=cu, max_length_q=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA inputs under autocast
+# ---------------------------------------------------------------------------------------------
+
+def test_lora_inputs_skip_fp32_copy_only_under_autocast():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    fast = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    plain.load_state_dict(fast.state_dict())
+    speed.install_lora_autocast_inputs(fast)
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                      target_modules=["q_proj", "v_proj", "down_proj"])
+    torch.manual_seed(1)
+    fast = get_peft_model(fast, lcfg)
+    torch.manual_seed(1)
+    plain = get_peft_model(plain, lcfg)
+    x = torch.randint(0, 200, (2, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = fast(input_ids=x).logits, plain(input_ids=x).logits
+    assert sum(getattr(m, "_cogumi_autocast_inputs", False) for m in fast.modules()) == 6
+    assert torch.equal(a, b)
+    # outside autocast PEFT's own fp32 cast still applies (no dtype error, same result)
+    assert torch.equal(fast(input_ids=x).logits, plain(input_ids=x).logits)
