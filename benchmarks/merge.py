@@ -176,11 +176,11 @@ def drop_caches() -> bool:
         return False
 
 
-def run_variant(name: str, cmd: list[str], *, timeout: float, env: dict | None = None) -> dict:
+def run_variant(name: str, cmd: list[str], *, timeout: float, log_dir: Path, env: dict | None = None) -> dict:
     """Wall (start to exit + sync) and peak RSS of one child process."""
     dropped = drop_caches()
     t0 = time.time()
-    log_path = Path(tempfile.gettempdir()) / f"cogumi-merge-bench-{name}.log"
+    log_path = log_dir / f"{name}.log"
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         deadline = t0 + timeout
@@ -289,13 +289,14 @@ def main(argv=None) -> int:
                 cmd = [py, "-c", PEFT_CHILD, str(base), str(adapter), str(dst), "cpu" if v == "peft-cpu" else "auto"]
             else:
                 raise SystemExit(f"unknown variant {v!r}")
-            r = run_variant(v, cmd, timeout=a.timeout, env=env)
+            r = run_variant(v, cmd, timeout=a.timeout, log_dir=work, env=env)
             if r["rc"] == 0 and v != "copy":
                 samples[v] = sample_tensors(dst, probe)
             if r["rc"] == 0 and v.startswith("cogumi"):
                 man = json.loads((dst / "cogumi.json").read_text())
-                r["fidelity"] = {k: man["fidelity"].get(k) for k in ("passed", "max_abs_logit_diff", "top1_agreement",
-                                                                       "kl_mean", "wall_s", "skipped") if k in man["fidelity"]}
+                keep = ("passed", "max_abs_logit_diff", "top1_agreement", "top1_agreement_confident",
+                        "confident_positions", "kl_mean", "lora_effect", "wall_s", "skipped")
+                r["fidelity"] = {k: man["fidelity"][k] for k in keep if k in man["fidelity"]}
                 r["merge_wall_s_inside"] = man.get("merge_wall_s")
             shutil.rmtree(dst, ignore_errors=True)
             results["variants"].append(r)
@@ -334,7 +335,8 @@ def main(argv=None) -> int:
             note = ""
             if "fidelity" in r and not r["fidelity"].get("skipped"):
                 f = r["fidelity"]
-                note = (f"fidelity {'ok' if f.get('passed') else 'FAILED'} ({f.get('wall_s')}s; KL {f.get('kl_mean'):.2g}, "
+                note = (f"fidelity {'ok' if f.get('passed') else 'FAILED'} ({f.get('wall_s')}s; KL {f.get('kl_mean'):.2g} "
+                        f"vs LoRA effect {f.get('lora_effect', {}).get('kl_mean', float('nan')):.2g}, "
                         f"top-1 {f.get('top1_agreement'):.3f})")
             if r["rc"]:
                 note = f"FAILED rc={r['rc']}"

@@ -193,6 +193,7 @@ def test_fidelity_failure_and_disk_check_fail_cleanly(bf16_merge, tmp_path, monk
     import cogumi.merge as merge
     adapter, _, _ = bf16_merge
     monkeypatch.setattr(merge, "FIDELITY_KL_MAX", -1.0)         # an unreachable tolerance
+    monkeypatch.setattr(merge, "FIDELITY_KL_REL", -1.0)
     with pytest.raises(RedFlagError, match="fidelity"):
         merge.merge_adapter(adapter, tmp_path / "out", log=lambda *_: None)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
@@ -212,13 +213,16 @@ def test_fidelity_check_catches_a_merge_that_dropped_the_adapter(bf16_merge, tin
     assert result["kl_mean"] == pytest.approx(result["lora_effect"]["kl_mean"])
 
 
-def test_layerwise_model_matches_transformers(tiny_base_fp32):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_layerwise_model_matches_transformers(device, tiny_base_fp32):
     """The hand-run layer loop (used by the fidelity check and --target auto) equals the real model."""
     from transformers import AutoModelForCausalLM
 
     from cogumi.merge import LayerwiseModel, Stream, WeightDir
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     rows = [PROBE_IDS[0].tolist(), PROBE_IDS[1].tolist()[:9]]
-    got = LayerwiseModel(tiny_base_fp32, device="cpu").logits([Stream("base", WeightDir(tiny_base_fp32))], rows)["base"]
+    got = LayerwiseModel(tiny_base_fp32, device=device).logits([Stream("base", WeightDir(tiny_base_fp32))], rows)["base"]
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base_fp32), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = torch.cat([model(torch.tensor([r])).logits[0] for r in rows])

@@ -33,6 +33,7 @@ Test hook: ``COGUMI_TEST_KILL_AFTER_SHARDS=N`` SIGKILLs the process after N outp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -61,14 +62,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
 ADAPTER_PREFIX = "base_model.model."
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-INFLIGHT_BYTES = 768 * 2**20          # read-ahead + write-behind budget of the streaming merge
+INFLIGHT_BYTES = 512 * 2**20          # read-ahead + write-behind budget of the streaming merge
 ROW_BLOCK_ELEMENTS = 8 * 2**20         # fp32 elements per block of rows when adding a delta (32 MiB)
 
 # Fidelity tolerance (merged as written vs base + adapter unmerged, fp32 compute). bf16 rounding of the
 # merged weights moves logits by ~1e-3..1e-2 on real models; a wrong scale, a missed module or a wrong
 # base moves them by orders of magnitude more.
-FIDELITY_KL_MAX = 1e-3                # mean KL(unmerged || merged) per token, nats
-FIDELITY_TOP1_MIN = 0.95              # top-1 agreement over probe tokens
+FIDELITY_KL_MAX = 1e-3                # mean KL(unmerged || merged) per token (nats) that always passes
+FIDELITY_KL_REL = 0.05                # ... or at most this fraction of the LoRA's own effect (KL unmerged || base)
+FIDELITY_TOP1_MIN = 0.99              # top-1 agreement where the unmerged model is confident (p >= 0.5)
+FIDELITY_MIN_CONFIDENT = 10           # ... checked when at least this many probe positions are confident
 AUTO_MAX_ROWS = 32                    # held-out rows --target auto scores
 AUTO_MAX_TOKENS = 256                 # tokens per held-out row
 PROBE_MAX_TOKENS = 32
@@ -292,9 +295,10 @@ class LoraModule:
     def tensors(self):
         return self.source.get(self.a_name).float(), self.source.get(self.b_name).float()
 
-    def add_delta_(self, w, row_start: int = 0):
-        """Add the delta for rows [row_start, row_start + len(w)) to fp32 ``w`` in place."""
-        a, b = self.tensors()
+    def add_delta_(self, w, row_start: int = 0, ab=None):
+        """Add the delta for rows [row_start, row_start + len(w)) to fp32 ``w`` in place (``ab``: the
+        already-read (A, B), else they are read)."""
+        a, b = ab if ab is not None else self.tensors()
         stop = row_start + w.shape[0]
         if self.kind == "linear":
             w.addmm_(b[row_start:stop], a, alpha=self.scale)
@@ -304,21 +308,24 @@ class LoraModule:
 
 
 class AdapterTensors:
-    """The adapter's tensors, read lazily (an r=64 adapter on an 8B model is 670 MB in fp32)."""
+    """The adapter's tensors, read one at a time (an r=64 adapter on an 8B model is 670 MB in fp32).
+
+    Each read opens the file afresh and copies the tensor out: a held-open ``safe_open`` keeps every
+    page it has touched resident, which over a whole merge is the whole adapter."""
 
     def __init__(self, path: Path):
         self.path = path
-        st = path / "adapter_model.safetensors"
+        self.file = path / "adapter_model.safetensors"
         binf = path / "adapter_model.bin"
         self._dict = None
-        self._handle = None
-        if st.exists():
+        if self.file.exists():
             from safetensors import safe_open
             try:
-                self._handle = safe_open(str(st), framework="pt")
+                with safe_open(str(self.file), framework="pt") as f:
+                    self.names = list(f.keys())
+                    self._shapes = {n: list(f.get_slice(n).get_shape()) for n in self.names}
             except Exception as e:
-                raise CogumiError(f"{st}: unreadable ({type(e).__name__}: {e}); re-copy the adapter") from None
-            self.names = [n for n in self._handle.keys()]
+                raise CogumiError(f"{self.file}: unreadable ({type(e).__name__}: {e}); re-copy the adapter") from None
         elif binf.exists():
             import torch
             try:
@@ -326,16 +333,19 @@ class AdapterTensors:
             except Exception as e:
                 raise CogumiError(f"{binf}: unreadable ({type(e).__name__}: {e})") from None
             self.names = list(self._dict)
+            self._shapes = {n: list(t.shape) for n, t in self._dict.items()}
         else:
             raise CogumiError(f"{path}: no adapter_model.safetensors (or .bin); is this a PEFT adapter directory?")
 
     def get(self, name: str):
-        return self._dict[name] if self._dict is not None else self._handle.get_tensor(name)
+        if self._dict is not None:
+            return self._dict[name]
+        from safetensors import safe_open
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_tensor(name).clone()
 
     def shape(self, name: str) -> list[int]:
-        if self._dict is not None:
-            return list(self._dict[name].shape)
-        return list(self._handle.get_slice(name).get_shape())
+        return self._shapes[name]
 
 
 @dataclass
@@ -361,9 +371,9 @@ class Adapter:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    from peft.utils.other import get_pattern_key   # PEFT's own matching, so patterns mean what they meant there
     if not patterns:
         return default
+    from peft.utils.other import get_pattern_key   # PEFT's own matching, so patterns mean what they meant there
     return patterns.get(get_pattern_key(list(patterns), module), default)
 
 
@@ -509,9 +519,10 @@ class AdaptedWeights:
         if not t.is_floating_point():
             raise CogumiError(f"{name}: cannot add a LoRA delta to a {t.dtype} tensor")
         block = max(1, ROW_BLOCK_ELEMENTS // max(1, t[0].numel()))
+        ab = lora.tensors()
         for i in range(0, t.shape[0], block):
             w = t[i:i + block].to(torch.float32)
-            lora.add_delta_(w, row_start + i)
+            lora.add_delta_(w, row_start + i, ab)
             t[i:i + block].copy_(w)
         return t
 
@@ -835,6 +846,18 @@ class Stream:
     loras: dict[str, LoraModule] | None = None
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """fp32 matmuls in full precision for the duration (TF32 would blur the comparison on a GPU)."""
+    import torch
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def compute_device() -> str:
     """Where the layer-by-layer check runs: the GPU when there is one (COGUMI_MERGE_DEVICE overrides)."""
     import torch
@@ -893,7 +916,10 @@ class LayerwiseModel:
 
     def _embed(self, s: Stream, rows: list[list[int]]):
         import torch
-        w = s.weights.get(self.embed_name)
+        # only the rows the probes use (the whole table is 1 GB for an 8B model)
+        used = sorted({i for ids in rows for i in ids})
+        where = {tok: j for j, tok in enumerate(used)}
+        table = torch.cat([s.weights.rows(self.embed_name, tok, tok + 1) for tok in used])
         out = []
         lora = (s.loras or {}).get(self.embed_name)
         a = b = None
@@ -901,7 +927,7 @@ class LayerwiseModel:
             a, b = self._lora_tensors(lora)
         for ids in rows:
             idx = torch.tensor(ids, dtype=torch.long)
-            h = self._f32(w[idx])
+            h = self._f32(table[torch.tensor([where[i] for i in ids], dtype=torch.long)])
             if lora is not None:
                 h = h + (a[:, idx.to(self.device)].T @ b.T) * lora.scale
             out.append(h)
@@ -922,7 +948,7 @@ class LayerwiseModel:
         # read ahead only where compute is off the CPU (on CPU a second layer would double the memory)
         pool = ThreadPoolExecutor(1) if self.device.type != "cpu" else None
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exact_fp32():
                 hs = {s.name: self._embed(s, rows) for s in streams}
                 first = hs[streams[0].name]
                 pos = [torch.arange(len(ids), device=self.device).unsqueeze(0) for ids in rows]
@@ -936,8 +962,7 @@ class LayerwiseModel:
                     raw = pending.result() if pool else self._layer_weights(group[0].weights, li)
                     if pool and n + 1 < len(steps):
                         pending = pool.submit(self._layer_weights, steps[n + 1][1][0].weights, steps[n + 1][0])
-                    sd = {k: self._f32(v) for k, v in raw.items()}
-                    del raw
+                    sd = {k: self._f32(raw.pop(k)) for k in list(raw)}
                     for s in group:
                         layer = copy.deepcopy(self.layers[li])
                         layer.load_state_dict(sd, assign=True, strict=True)
@@ -973,7 +998,7 @@ class LayerwiseModel:
     def logit_chunks(self, streams: list[Stream], final: dict, chunk: int = 16384) -> Iterator[tuple[int, dict]]:
         """(vocab start, {stream: logits[:, start:start+chunk]}) over the whole vocabulary."""
         import torch
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             loras = {s.name: (s.loras or {}).get(self._head(s.weights)) for s in streams}
             lora_ab = {n: (self._lora_tensors(l) if l is not None else None) for n, l in loras.items()}
             for v0 in range(0, self.vocab, chunk):
@@ -1005,8 +1030,12 @@ def compare_logits(ref, other) -> dict:
     lp_ref = torch.log_softmax(ref.double(), dim=-1)
     lp_other = torch.log_softmax(other.double(), dim=-1)
     kl = (lp_ref.exp() * (lp_ref - lp_other)).sum(-1)
+    agree = ref.argmax(-1) == other.argmax(-1)
+    confident = lp_ref.max(-1).values.exp() >= 0.5
     return {"max_abs_logit_diff": float((ref - other).abs().max()),
-            "top1_agreement": float((ref.argmax(-1) == other.argmax(-1)).float().mean()),
+            "top1_agreement": float(agree.float().mean()),
+            "confident_positions": int(confident.sum()),
+            "top1_agreement_confident": float(agree[confident].float().mean()) if confident.any() else None,
             "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
             "finite": bool(torch.isfinite(other).all())}
 
@@ -1038,7 +1067,7 @@ def probe_rows(tokenizer, vocab: int) -> list[list[int]]:
     else:
         import torch
         g = torch.Generator().manual_seed(0)
-        rows = [torch.randint(0, vocab, (48,), generator=g).tolist() for _ in range(4)]
+        rows = [torch.randint(0, vocab, (PROBE_MAX_TOKENS,), generator=g).tolist() for _ in range(3)]
     return [r for r in rows if len(r) >= 2]
 
 
@@ -1055,13 +1084,23 @@ def fidelity_check(model: LayerwiseModel, merged: WeightDir, target, adapter: Ad
         "probes": len(rows), "tokens": int(logits["merged"].shape[0]),
         "lora_effect": {"max_abs_logit_diff": effect["max_abs_logit_diff"], "kl_mean": effect["kl_mean"],
                         "top1_changed": 1.0 - effect["top1_agreement"]},
-        "tolerance": {"kl_mean_max": FIDELITY_KL_MAX, "top1_agreement_min": FIDELITY_TOP1_MIN},
+        "tolerance": {"kl_mean_max": FIDELITY_KL_MAX, "kl_relative_to_lora_effect_max": FIDELITY_KL_REL,
+                      "top1_agreement_confident_min": FIDELITY_TOP1_MIN},
         "compared": "merged model as written vs base + adapter applied unmerged, fp32 compute, layer by layer",
     })
-    result["passed"] = bool(result["finite"] and result["kl_mean"] <= FIDELITY_KL_MAX
-                            and result["top1_agreement"] >= FIDELITY_TOP1_MIN)
+    result["passed"] = fidelity_passed(result)
     result["wall_s"] = round(time.time() - t0, 2)
     return result
+
+
+def fidelity_passed(r: dict) -> bool:
+    """bf16 rounding of the merged weights moves logits a little (more on random-init models, whose
+    near-uniform outputs flip top-1 on noise); a wrong merge moves them by a good part of the adapter's
+    own effect, and flips positions where the model is confident."""
+    kl_ok = r["kl_mean"] <= FIDELITY_KL_MAX or r["kl_mean"] <= FIDELITY_KL_REL * r["lora_effect"]["kl_mean"]
+    top1_ok = (r["confident_positions"] < FIDELITY_MIN_CONFIDENT
+               or r["top1_agreement_confident"] >= FIDELITY_TOP1_MIN)
+    return bool(r["finite"] and kl_ok and top1_ok)
 
 
 def holdout_rows(path: Path, tokenizer, *, max_rows: int = AUTO_MAX_ROWS, max_tokens: int = AUTO_MAX_TOKENS):
@@ -1378,14 +1417,17 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
             merged_view = WeightDir(tmp)
             fid = fidelity_check(model, merged_view, source, ad, rows)
             merged_view.close()
-            log(f"merge: fidelity ({fid['probes']} probes, {fid['tokens']} tokens): max |delta logit| "
-                f"{fid['max_abs_logit_diff']:.3g}, top-1 agreement {fid['top1_agreement']:.4f}, KL {fid['kl_mean']:.3g} "
-                f"(LoRA effect: max |delta logit| {fid['lora_effect']['max_abs_logit_diff']:.3g}) -> "
+            conf = fid["top1_agreement_confident"]
+            summary = (f"max |delta logit| {fid['max_abs_logit_diff']:.3g}, KL {fid['kl_mean']:.3g}, top-1 agreement "
+                       f"{fid['top1_agreement']:.4f} ({'n/a' if conf is None else f'{conf:.4f}'} on "
+                       f"{fid['confident_positions']} confident positions); the LoRA's own effect: max |delta logit| "
+                       f"{fid['lora_effect']['max_abs_logit_diff']:.3g}, KL {fid['lora_effect']['kl_mean']:.3g}")
+            log(f"merge: fidelity ({fid['probes']} probes, {fid['tokens']} tokens, {fid['wall_s']}s): {summary} -> "
                 f"{'ok' if fid['passed'] else 'FAILED'}")
             if not fid["passed"]:
-                f = Finding("red", "fidelity", f"merged model differs from base + adapter beyond tolerance: KL "
-                            f"{fid['kl_mean']:.3g} (max {FIDELITY_KL_MAX}), top-1 agreement {fid['top1_agreement']:.4f} "
-                            f"(min {FIDELITY_TOP1_MIN}), max |delta logit| {fid['max_abs_logit_diff']:.3g}",
+                f = Finding("red", "fidelity", f"merged model differs from base + adapter beyond tolerance ({summary}; "
+                            f"tolerance: KL <= {FIDELITY_KL_MAX} or <= {FIDELITY_KL_REL:.0%} of the LoRA's effect, "
+                            f"confident top-1 >= {FIDELITY_TOP1_MIN})",
                             "report this with the adapter_config.json; use the adapter unmerged meanwhile")
                 if not force:
                     raise RedFlagError("merge failed its fidelity check: " + f.line())
