@@ -54,7 +54,7 @@ def _run_config(base: Path, train_file: Path, out: Path, *, quantized: bool):
         base_model=str(base), output_dir=str(out), allow_quantized_base=quantized,
         data=DataConfig(train=str(train_file), holdout=HOLDOUT_ROWS),
         lora=LoraConfig(r=8, alpha=16, dropout=0.0),
-        training=TrainingConfig(max_steps=MAX_STEPS, batch_size=8, grad_accum=1, learning_rate=3e-3, warmup_steps=2,
+        training=TrainingConfig(max_steps=MAX_STEPS, batch_size=8, grad_accum=1, learning_rate=1e-2, warmup_steps=2,
                                 max_length=96, save_steps=10_000, logging_steps=8, seed=0),
         report_to=[])
     validate_run_config(cfg, source="incident")

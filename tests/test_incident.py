@@ -1,0 +1,48 @@
+"""The incident reproduced on the tiny model: a LoRA trained on an NF4 copy of the base, merged naively
+into bf16 (forced) and with --target auto, next to one trained on the full-precision base."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def incident(tmp_path_factory):
+    from cogumi.incident import reproduce_incident
+    lines: list[str] = []
+    result = reproduce_incident(tmp_path_factory.mktemp("incident"), log=lines.append)
+    return result, "\n".join(lines)
+
+
+def test_table_has_every_variant_with_real_scores(incident):
+    result, printed = incident
+    rows = {r["model"]: r for r in result["table"]}
+    assert len(rows) == 5 and "| model | held-out loss |" in printed
+    assert all(math.isfinite(r["loss"]) and 0 <= r["token_accuracy"] <= 1 and r["tokens"] > 0 for r in rows.values())
+    base = rows["base model, no adapter"]
+    trained = [r for name, r in rows.items() if name != "base model, no adapter"]
+    assert all(r["loss"] < base["loss"] for r in trained)           # both trainings learned something
+
+
+def test_verify_flags_the_naive_path_and_not_the_measured_one(incident):
+    result, printed = incident
+    verdicts = result["verify"]
+    naive = verdicts["naive merge into bf16 (--target original --force)"]
+    assert naive["exit_code"] == 1 and "merged with --force" in naive["red_flags"][0]
+    assert "trained on a quantized base" in naive["red_flags"][0]
+    assert verdicts["4-bit base + adapter, unmerged (as trained)"]["exit_code"] == 1
+    assert verdicts["trained on the bf16 base, merged"]["exit_code"] == 0
+    auto_label = next(k for k in verdicts if k.startswith("--target auto"))
+    assert verdicts[auto_label]["exit_code"] == 0 and verdicts[auto_label]["warnings"]
+    assert result["naive_forced"] is True and "RED FLAG" in printed
+
+
+def test_auto_kept_the_target_with_the_lower_loss(incident):
+    result, _ = incident
+    auto = result["auto"]
+    kept = min(("original", "dequantized"), key=lambda k: auto[k]["loss"])
+    assert auto["chosen"] == kept and f"kept '{kept}'" in " ".join(r["model"] for r in result["table"])
+    assert auto["dequantized"]["top1_agreement_with_4bit"] >= auto["original"]["top1_agreement_with_4bit"]
+    assert all(f["passed"] for f in result["merged_fidelity"].values())
