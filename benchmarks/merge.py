@@ -199,6 +199,7 @@ def run_variant(name: str, cmd: list[str], *, timeout: float, log_dir: Path, env
     hwm = [line.split()[1] for line in log_path.read_text(errors="replace").splitlines() if line.startswith("VMHWM_KB")]
     peak_kb = int(hwm[-1]) if hwm else usage.ru_maxrss
     result = {"variant": name, "rc": rc, "wall_s": round(wall, 2), "peak_rss_gib": round(peak_kb / 2**20, 3),
+              "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
               "caches_dropped": dropped, "cmd": " ".join(cmd[:4]) + (" ..." if len(cmd) > 4 else "")}
     if rc != 0:
         result["log_tail"] = log_path.read_text(errors="replace")[-1500:]
@@ -329,8 +330,8 @@ def main(argv=None) -> int:
         results["goals"] = ok
 
         log("")
-        log(f"| variant | wall s | x copy | peak RSS GiB | notes |")
-        log(f"|---|---|---|---|---|")
+        log("| variant | wall s | x copy | peak RSS GiB | CPU s | notes |")
+        log("|---|---|---|---|---|---|")
         for r in results["variants"]:
             note = ""
             if "fidelity" in r and not r["fidelity"].get("skipped"):
@@ -340,7 +341,8 @@ def main(argv=None) -> int:
                         f"top-1 {f.get('top1_agreement'):.3f})")
             if r["rc"]:
                 note = f"FAILED rc={r['rc']}"
-            log(f"| {r['variant']} | {r['wall_s']:.1f} | {r.get('wall_x_copy', '-')} | {r['peak_rss_gib']:.2f} | {note} |")
+            log(f"| {r['variant']} | {r['wall_s']:.1f} | {r.get('wall_x_copy', '-')} | {r['peak_rss_gib']:.2f} | "
+                f"{r['cpu_s']} | {note} |")
         for k, v in checks.items():
             log(f"check {k}: max |diff| {v['max_abs_diff']:.3g}, {v['fraction_differing']:.2%} of sampled elements differ")
         for g in ok:

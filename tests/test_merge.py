@@ -213,7 +213,7 @@ def test_fidelity_check_catches_a_merge_that_dropped_the_adapter(bf16_merge, tin
     assert result["kl_mean"] == pytest.approx(result["lora_effect"]["kl_mean"])
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", ["cpu", "cpu-prefetch", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_layerwise_model_matches_transformers(device, tiny_base_fp32):
     """The hand-run layer loop (used by the fidelity check and --target auto) equals the real model."""
     from transformers import AutoModelForCausalLM
@@ -222,7 +222,9 @@ def test_layerwise_model_matches_transformers(device, tiny_base_fp32):
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     rows = [PROBE_IDS[0].tolist(), PROBE_IDS[1].tolist()[:9]]
-    got = LayerwiseModel(tiny_base_fp32, device=device).logits([Stream("base", WeightDir(tiny_base_fp32))], rows)["base"]
+    model = LayerwiseModel(tiny_base_fp32, device=device.split("-")[0])
+    model.prefetch = device != "cpu"            # the GPU path's read-ahead threads, exercised on the CPU too
+    got = model.logits([Stream("base", WeightDir(tiny_base_fp32))], rows)["base"].cpu()
     model = AutoModelForCausalLM.from_pretrained(str(tiny_base_fp32), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = torch.cat([model(torch.tensor([r])).logits[0] for r in rows])

@@ -561,9 +561,11 @@ def recorded_base(adapter_cfg: dict, manifest: dict | None) -> dict:
                 rec["quantized"], rec["quantization_config"] = True, cfg["quantization_config"]
         except CogumiError:
             pass
-    for name in (rec["id"], rec["path"]):
-        if name and quantized_name(str(name)):
-            rec["quantized"] = True
+    # local directories by their own name only (a parent folder called "int8-runs" says nothing)
+    names = [Path(rec["path"]).name if rec["path"] else None,
+             Path(rec["id"]).name if rec["id"] and Path(rec["id"]).expanduser().exists() else rec["id"]]
+    if any(n and quantized_name(str(n)) for n in names):
+        rec["quantized"] = True
     return rec
 
 

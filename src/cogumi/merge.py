@@ -269,7 +269,7 @@ def open_weights(path: Path):
 
 def is_quantized_dir(path: Path, cfg: dict | None = None) -> bool:
     cfg = cfg if cfg is not None else read_model_config(str(path))
-    if red_findings(quantization_findings(cfg, str(path))):
+    if red_findings(quantization_findings(cfg, path.name)):
         return True
     entries, _ = scan_weight_files(path)
     return any(e.dtype not in FLOAT_DTYPES for n, e in entries.items() if n.endswith(".weight"))
@@ -889,6 +889,9 @@ class LayerwiseModel:
         with torch.device("meta"):
             skel = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
         self.device = torch.device(device or compute_device())
+        # read the next layer while this one runs -- only where compute is off the CPU (on the CPU a
+        # second layer in flight would double the memory the check holds)
+        self.prefetch = self.device.type != "cpu"
         self.config = skel.config
         self.skel = skel
         decoder = skel.model
@@ -933,35 +936,38 @@ class LayerwiseModel:
             out.append(h)
         return out
 
-    def _layer_weights(self, weights, li: int) -> dict:
-        return {k: weights.get(self.prefix + f"{li}." + k) for k in self.layer_keys}
+    def _layer_weights(self, weights, li: int, readers=None) -> dict:
+        names = {k: self.prefix + f"{li}." + k for k in self.layer_keys}
+        if readers is None:
+            return {k: weights.get(n) for k, n in names.items()}
+        futures = {k: readers.submit(weights.get, n) for k, n in names.items()}
+        return {k: f.result() for k, f in futures.items()}
 
     def hidden(self, streams: list[Stream], rows: list[list[int]]):
         """Final-norm hidden states of every row, per stream: {stream name: (tokens, hidden) fp32}."""
         import torch
         from concurrent.futures import ThreadPoolExecutor
-        from transformers.masking_utils import create_causal_mask
         groups: dict[int, list[Stream]] = {}
         for s in streams:
             groups.setdefault(id(s.weights), []).append(s)
         steps = [(li, group) for li in range(len(self.layers)) for group in groups.values()]
-        # read ahead only where compute is off the CPU (on CPU a second layer would double the memory)
-        pool = ThreadPoolExecutor(1) if self.device.type != "cpu" else None
+        pool = ThreadPoolExecutor(1) if self.prefetch else None
+        readers = ThreadPoolExecutor(4) if pool else None     # a layer's tensors read in parallel
         try:
             with torch.no_grad(), exact_fp32():
                 hs = {s.name: self._embed(s, rows) for s in streams}
                 first = hs[streams[0].name]
                 pos = [torch.arange(len(ids), device=self.device).unsqueeze(0) for ids in rows]
                 pe = [self.rotary(first[i].unsqueeze(0), pos[i]) for i in range(len(rows))]
-                masks = [create_causal_mask(config=self.config, inputs_embeds=first[i].unsqueeze(0),
-                                            attention_mask=torch.ones(1, len(rows[i]), dtype=torch.bool,
-                                                                      device=self.device),
-                                            cache=None, position_ids=pos[i]) for i in range(len(rows))]
-                pending = pool.submit(self._layer_weights, steps[0][1][0].weights, steps[0][0]) if pool else None
+                # one unpadded row at a time under SDPA: no mask means causal attention (is_causal), which is
+                # what transformers' create_causal_mask returns here too -- and the same across its versions
+                masks = [None] * len(rows)
+                pending = pool.submit(self._layer_weights, steps[0][1][0].weights, steps[0][0], readers) if pool else None
                 for n, (li, group) in enumerate(steps):
                     raw = pending.result() if pool else self._layer_weights(group[0].weights, li)
                     if pool and n + 1 < len(steps):
-                        pending = pool.submit(self._layer_weights, steps[n + 1][1][0].weights, steps[n + 1][0])
+                        pending = pool.submit(self._layer_weights, steps[n + 1][1][0].weights, steps[n + 1][0],
+                                              readers)
                     sd = {k: self._f32(raw.pop(k)) for k in list(raw)}
                     for s in group:
                         layer = copy.deepcopy(self.layers[li])
@@ -983,6 +989,7 @@ class LayerwiseModel:
         finally:
             if pool:
                 pool.shutdown(wait=True)
+                readers.shutdown(wait=True)
 
     def _attach_loras(self, layer, li: int, s: Stream) -> None:
         prefix = self.prefix + f"{li}."
@@ -1249,7 +1256,7 @@ def plan_merge(adapter: Adapter, *, base: str | None, target: str, log) -> Merge
             if qdir is not None and any(".quant_state.bitsandbytes__" in n for n in scan_weight_files(qdir)[0]):
                 findings.append(_original_likeness(base_dir, qdir))
         else:
-            findings += base_match_findings(rec, base_dir) + lineage
+            findings += base_match_findings(rec, base_dir, base_label=base_id) + lineage
         return MergePlan("original", "original", base_dir, base_dir, None, findings,
                          "requested" if not quant_lineage else "requested (naive merge of a 4-bit-trained adapter)")
 
