@@ -158,51 +158,77 @@ def wait_gone(pids: list[int], within: float) -> list[int]:
     return alive(pids)
 
 
+# What each verb prints first once its imports are done and it starts on its inputs: the start of the
+# "active" part of a run, where kill moments are drawn (a kill during imports finds nothing written).
+ACTIVE_MARKERS = {"train": r"^(data|resume|train): ", "merge": r"^merge: ", "eval": r"^eval: ",
+                  "pipeline": r"^\[\d\d-", "score": r"."}
+
+
 @dataclass
-class KillRecord:
-    verb: str
-    case: str
-    invocation: int
-    delay_s: float
-    killed: bool                  # False: the run finished before its kill moment
+class Watched:
     returncode: int | None
+    output: str                   # stdout + stderr, last 6000 characters
+    active_at: float | None       # seconds from start to the first ACTIVE_MARKERS line
     wall_s: float
+    killed: bool = False
     children_at_kill: int = 0
     survivors: int = 0
-    on_disk: dict = field(default_factory=dict)
+
+    @property
+    def active_s(self) -> float | None:
+        return None if self.active_at is None else self.wall_s - self.active_at
 
 
-def run_and_kill(args, *, delay: float, env: dict | None = None, cwd=None, verb: str = "", case: str = "",
-                 invocation: int = 0, grace: float = 15.0) -> tuple[KillRecord, subprocess.Popen, str]:
-    """Start ``cogumi ARGS``; SIGKILL it ``delay`` seconds later (a real external kill -9) unless it ended.
+def run_watched(args, *, verb: str, kill_after_active: float | None = None, env: dict | None = None, cwd=None,
+                grace: float = 15.0, timeout: float = 600) -> Watched:
+    """Run ``cogumi ARGS``; with ``kill_after_active``, SIGKILL it (a real external kill -9) that many
+    seconds after it printed its first active-phase line, unless it ended before.
 
-    Waiting on the process with a timeout *is* the fault schedule here (the kill moment), not a
-    synchronisation sleep. Returns the record, the process and its stderr tail."""
-    err_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"cogumi-adv-{os.getpid()}-{time.monotonic_ns()}.err"
+    The output is read by a thread as it comes (the child never blocks on a full pipe); waiting on the
+    process with a timeout *is* the fault schedule (the kill moment), not a synchronisation sleep."""
+    import re
+    import threading
+    marker = re.compile(ACTIVE_MARKERS[verb], re.MULTILINE)
     t0 = time.monotonic()
-    with open(err_path, "w+b") as err:
-        proc = subprocess.Popen(cli_argv(*args), env=env or cli_env(), stdout=subprocess.DEVNULL, stderr=err,
-                                cwd=cwd)
-        killed, children, survivors = False, [], []
+    proc = subprocess.Popen(cli_argv(*args), env=env or cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=cwd)
+    seen = threading.Event()
+    state = {"active_at": None, "text": ""}
+
+    def read():
+        buf = b""
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            buf = (buf + chunk)[-12000:]
+            text = buf.decode("utf-8", "replace").replace("\r", "\n")
+            if state["active_at"] is None and marker.search(text):
+                state["active_at"] = time.monotonic() - t0
+                seen.set()
+            state["text"] = text
+        seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    killed, children, survivors = False, [], []
+    if kill_after_active is not None:
+        seen.wait(timeout)
         try:
-            proc.wait(timeout=delay)
+            proc.wait(timeout=kill_after_active)
         except subprocess.TimeoutExpired:
             children = descendants(proc.pid)
             os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
             killed = True
-            survivors = wait_gone(children, grace)
-            for pid in survivors:             # leave the machine clean whatever the verdict
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        err.seek(0)
-        stderr = err.read().decode("utf-8", "replace")[-4000:]
-    err_path.unlink(missing_ok=True)
-    rec = KillRecord(verb, case, invocation, round(delay, 3), killed, proc.returncode,
-                     round(time.monotonic() - t0, 3), len(children), len(survivors))
-    return rec, proc, stderr
+    proc.wait(timeout=timeout)
+    reader.join(timeout=30)
+    proc.stdout.close()
+    if killed:
+        survivors = wait_gone(children, grace)
+        for pid in survivors:             # leave the machine clean whatever the verdict
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    return Watched(proc.returncode, state["text"][-6000:], state["active_at"], time.monotonic() - t0, killed,
+                   len(children), len(survivors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +458,8 @@ class Reference:
 @pytest.fixture(scope="session")
 def train_reference(tmp_path_factory, tiny_base, adv_data) -> Reference:
     """One uninterrupted ``cogumi train`` (6 steps, checkpoints every 2) through the CLI: what every
-    interrupted-and-resumed training run must equal, tensor for tensor."""
+    interrupted-and-resumed training run must equal, tensor for tensor. ``seconds``: its active part."""
     out = tmp_path_factory.mktemp("train-ref") / "run"
-    t0 = time.monotonic()
-    cli(*train_args(tiny_base, adv_data["train"], out), check=True)
-    return Reference(out, time.monotonic() - t0)
+    run = run_watched(train_args(tiny_base, adv_data["train"], out), verb="train")
+    assert run.returncode == 0 and run.active_s, run.output[-3000:]
+    return Reference(out, run.active_s)

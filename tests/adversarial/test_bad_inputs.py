@@ -431,7 +431,10 @@ def run_case(case: Case, world: World, tmp: Path, capsys) -> list[str]:
     except BaseException as e:       # what a user would see as a traceback
         import traceback
         tb = "".join(traceback.format_exception(e))
-        return [f"uncaught {type(e).__name__}: {str(e)[:300]} (a traceback for the user)\n{tb[-1500:]}"]
+        problems = [f"uncaught {type(e).__name__}: {str(e)[:300]} (a traceback for the user)\n{tb[-1500:]}"]
+        report("bad_inputs", {"case": case.id, "verb": case.verb, "rc": None, "message": tb[-500:],
+                              "problems": problems})
+        return problems
     err = capsys.readouterr().err
     if rc == 0:
         problems.append("exit code 0: the bad input was accepted")
