@@ -44,6 +44,7 @@ naming the dotted key; relative paths resolve against the current directory, the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -133,6 +134,8 @@ class Phase1BPlan:
     train: TrainPlan = field(default_factory=TrainPlan)
     criteria: str | dict | None = None    # default: gate.criteria
     stop_on_regression: bool = True       # 1B significantly worse than 1A on the same items (McNemar p<0.05)
+    replay: float = 0.0                   # also train on this many Phase 1A rows per failure row (rehearsal
+                                          # against forgetting; 0: the failure set alone, as the plan says)
 
 
 @dataclass
@@ -245,6 +248,7 @@ def parse_plan(raw: dict, *, source: str = "plan", base_dir: Path | None = None)
             plan.mining.reference = _resolve_ref(plan.mining.reference, "mining.reference", source, base_dir)
         need(plan.mining.ngram >= 1, "mining.ngram", "must be >= 1")
         need(0 < plan.mining.overlap <= 1, "mining.overlap", "must be in (0, 1]")
+        need(plan.phase1b.replay >= 0, "phase1b.replay", "must be >= 0")
         need(bool(plan.phase1b.train.config), "phase1b.train.config", "is required (e.g. configs/phase1b.yaml)")
         plan.phase1b.train.config = resolve_local(plan.phase1b.train.config, "phase1b.train.config", source, base_dir)
         need(Path(plan.phase1b.train.config).is_file(), "phase1b.train.config",
@@ -446,8 +450,10 @@ class Engine:
     """Runs ``stages`` in order in ``run_dir`` (see the module docstring for the protocol)."""
 
     def __init__(self, stages: list[Stage], run_dir: Path, *, meta: dict | None = None, log=print,
-                 gpu_hourly_usd: float = 0.0):
+                 gpu_hourly_usd: float = 0.0, capture_output: bool = False):
         self.stages = stages
+        self.capture_output = capture_output      # stage stdout/stderr (progress bars, warnings) -> log.txt only
+        self._stdout, self._stderr = sys.stdout, sys.stderr
         self.run_dir = Path(run_dir)
         self.meta = meta or {}
         self.log = log
@@ -540,7 +546,12 @@ class Engine:
         ctx.log(f"[{stage.dirname}] {stage.title}")
         _faults(stage.name, "start")
         try:
-            metrics = stage.fn(ctx) or {}
+            if self.capture_output:
+                with open(sdir / "log.txt", "a", encoding="utf-8", buffering=1) as fh, \
+                        contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                    metrics = stage.fn(ctx) or {}
+            else:
+                metrics = stage.fn(ctx) or {}
         except StageSkipped as e:
             self._finish(sdir, record, ctx, t0, "skipped", reason=str(e))
             return
@@ -584,9 +595,10 @@ class Engine:
         path = sdir / "log.txt"
 
         def log(msg: str = "") -> None:
-            self.log(msg)
             with open(path, "a", encoding="utf-8") as f:
                 f.write(f"{msg}\n")
+            with contextlib.redirect_stdout(self._stdout), contextlib.redirect_stderr(self._stderr):
+                self.log(msg)
         return log
 
     # -- summary ---------------------------------------------------------------------------
@@ -726,7 +738,10 @@ def stage_train(plan: Plan, phase: str):
             if not failures.read_text(encoding="utf-8").strip():
                 raise StageSkipped("the Phase 1B set is empty: the model lost no (clean) item, so there is nothing "
                                    "for Phase 1B to learn")
-            extra = {"base_model": str(ctx.input("merge-1a", "merged")), "data.train": str(failures), "phase": "1b"}
+            data = failures
+            if plan.phase1b.replay > 0:
+                data = _with_replay(failures, plan, ctx)
+            extra = {"base_model": str(ctx.input("merge-1a", "merged")), "data.train": str(data), "phase": "1b"}
         cfg = run_config_for(train, output_dir=ctx.dir / "run", extra=extra)
         resume = (ctx.dir / "run").exists()
         adapter = run_training(cfg, resume=resume, log=ctx.log)
@@ -740,6 +755,26 @@ def stage_train(plan: Plan, phase: str):
                                         "warnings", "resumed_from")} | {"base_model": cfg.base_model,
                                                                         "rows": (man.get("data") or {}).get("train_rows")}
     return run
+
+
+def _with_replay(failures: Path, plan: Plan, ctx: StageContext) -> Path:
+    """The failure set plus ``replay`` x as many Phase 1A rows (seeded sample, rows kept in their own shape)."""
+    import random
+
+    from cogumi.data import read_records
+    from cogumi.io import atomic_write_jsonl, read_jsonl
+    rows = read_jsonl(failures)
+    cfg1a = run_config_for(plan.phase1a, output_dir=ctx.dir / "unused")
+    records, _ = read_records(cfg1a.data.train, split=cfg1a.data.split)
+    pool = [r for _, r in records if isinstance(r, dict)]
+    k = min(len(pool), round(plan.phase1b.replay * len(rows)))
+    replayed = random.Random(cfg1a.training.seed).sample(pool, k)
+    mixed = rows + replayed
+    random.Random(cfg1a.training.seed + 1).shuffle(mixed)
+    out = atomic_write_jsonl(ctx.dir / "train-1b.jsonl", mixed)
+    ctx.log(f"Phase 1B data: {len(rows)} failure rows + {k} replayed Phase 1A rows -> {out}")
+    ctx.output("train_data", out)
+    return out
 
 
 def _stop_on_red(ctx: StageContext, findings, what: str) -> None:
@@ -775,7 +810,7 @@ def stage_merge(plan: Plan, phase: str):
                                  fidelity=plan.merge.fidelity, log=ctx.log)
         ctx.output("merged", ctx.dir / "merged")
         ctx.findings += manifest.get("red_flags") or []
-        return {k: manifest.get(k) for k in ("target", "forced", "fidelity", "target_choice", "size_bytes")
+        return {k: manifest.get(k) for k in ("target", "target_requested", "forced", "fidelity", "output", "wall_s")
                 if k in manifest}
     return run
 
@@ -816,11 +851,10 @@ def run_eval_stage(ctx: StageContext, model: Path | str, tasks: dict[str, TaskPl
         rows += read_jsonl(out / name / "results.jsonl")
         if combined is None:
             combined = {k: v for k, v in summary.items() if k != "tasks"}
-            combined["tasks"] = {}
-            combined["n"] = {}
+            combined.update(tasks={}, n={}, split={})
         combined["tasks"][name] = summary["tasks"][name]
         combined["n"][name] = tp.n
-        combined["split"] = {**combined.get("split", {}), name: tp.split}
+        combined["split"][name] = tp.split
     recount = summarize(rows, list(tasks))["tasks"]
     for name in tasks:       # per-task counts recomputed from the combined rows: they must agree
         for key in ("n", "wins", "ties", "losses", "correct"):
@@ -1011,7 +1045,9 @@ def build_stages(plan: Plan) -> list[Stage]:
           needs=("mine-1a", "validate-base", "validate-1a"), optional=("validate-base",), enabled=p1b,
           disabled_reason=no1b),
         S(11, "train-1b", "train Phase 1B on the merged Phase 1A model", stage_train(plan, "1b"),
-          config=_train_identity(plan.phase1b.train) if p1b else None, needs=("failures-1a", "merge-1a"),
+          config={"train": _train_identity(plan.phase1b.train), "replay": plan.phase1b.replay,
+                  "phase1a": t1a if plan.phase1b.replay else None} if p1b else None,
+          needs=("failures-1a", "merge-1a"),
           keep_on_restart=("run",), gpu=True, enabled=p1b, disabled_reason=no1b),
         S(12, "verify-adapter-1b", "verify the Phase 1B adapter", stage_verify("adapter", "train-1b", "adapter"),
           needs=("train-1b",), enabled=p1b, disabled_reason=no1b),
@@ -1045,7 +1081,8 @@ def default_run_dir(plan: Plan) -> Path:
 
 
 def run_pipeline(plan: Plan | str | Path, *, resume: bool = False, overrides: list[str] | None = None,
-                 run_dir: str | Path | None = None, log: Callable[[str], Any] = print) -> dict:
+                 run_dir: str | Path | None = None, log: Callable[[str], Any] = print,
+                 capture_output: bool = False) -> dict:
     """Run (or resume) a plan; returns the final summary. Raises RedFlagError / GateFailed / CogumiError when
     the run stops (summary.json then says where and why)."""
     if not isinstance(plan, Plan):
@@ -1057,7 +1094,8 @@ def run_pipeline(plan: Plan | str | Path, *, resume: bool = False, overrides: li
     atomic_write_text(rd / "plan.resolved.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
     meta = {"plan": plan.source, "name": plan.name or Path(plan.source).stem, "description": plan.description,
             "gpu_hourly_usd": plan.cost.gpu_hourly_usd}
-    engine = Engine(build_stages(plan), rd, meta=meta, log=log, gpu_hourly_usd=plan.cost.gpu_hourly_usd)
+    engine = Engine(build_stages(plan), rd, meta=meta, log=log, gpu_hourly_usd=plan.cost.gpu_hourly_usd,
+                    capture_output=capture_output)
     return engine.run(resume=resume)
 
 
