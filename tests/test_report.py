@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
@@ -110,12 +111,16 @@ def run_dir(tmp_path) -> Path:
                           exclude=[rd / "stages/02-validate-base/eval"])
     atomic_write_json(d / "stats.json", stats)
     put_stage(rd, 10, "failures-1a", outputs={"phase1b_set": d / "phase1b.jsonl", "stats": d / "stats.json"},
-              upstream={"mine-1a": {"outputs": {"results": "sha256:aaaa"}}})
+              upstream={"mine-1a": {"outputs": {"results": "sha256:aaaa", "summary": "sha256:bbbb"}}})
     d = rd / "stages" / "18-incident"
     d.mkdir(parents=True)
-    atomic_write_json(d / "incident.json", {"table": [{"path": "naive merge", "loss": 3.2, "accuracy": 0.1},
-                                                      {"path": "full precision", "loss": 1.1, "accuracy": 0.8}],
-                                            "verify_exit": 1})
+    atomic_write_json(d / "incident.json", {   # the shape cogumi.incident.reproduce_incident returns
+        "table": [{"model": "naive merge into bf16", "path": "x", "loss": 3.2, "token_accuracy": 0.1,
+                   "verify": "RED FLAG (forced-merge)"},
+                  {"model": "trained on the bf16 base, merged", "path": "y", "loss": 1.1, "token_accuracy": 0.8,
+                   "verify": "clean"}],
+        "verify": {"naive merge into bf16": {"exit_code": 1, "red_flags": ["[RED FLAG] merged with --force"]}},
+        "auto": {"original": {"loss": 3.2}, "dequantized": {"loss": 1.5}, "chosen": "dequantized"}})
     put_stage(rd, 18, "incident", outputs={"incident": d / "incident.json"})
     names = ["preflight", "validate-base", "train-1a", "verify-adapter-1a", "merge-1a", "verify-merged-1a",
              "validate-1a", "gate-1a", "mine-1a", "failures-1a", "train-1b", "verify-adapter-1b", "merge-1b",
@@ -137,9 +142,9 @@ def test_report_is_self_contained_with_all_sections(run_dir):
     assert page.count('src="data:image/png;base64,') == 4       # accuracy, loss, outcomes, stage times
     for text in ("Artifact lineage", "training loss", "Wins / ties / losses", "gsm8k_ties", "code_wins",
                  "Phase 1A vs Phase 1B", "only 1B right", "Phase 1B training set", "4-bit incident",
-                 "naive merge", "Red flags and warnings", "Time and cost per stage", "Run complete",
+                 "naive merge into bf16", "RED FLAG (forced-merge)", "kept 'dequantized'", "Red flags and warnings", "Time and cost per stage", "Run complete",
                  "merged with --force", "loss spike at step 7", "size is small"):
-        assert text in page, text
+        assert text in html.unescape(page), text
     md = path.with_suffix(".md").read_text()
     assert "| gsm8k_ties |" in md or "gsm8k_ties" in md
     for img in re.findall(r"\(report_files/([\w.]+)\)", md):

@@ -157,6 +157,8 @@ def _groups(run: Run, tasks: list[str]) -> list[tuple[str, list[str]]]:
     groups = [(t, [t]) for t in tasks]
     for gate in run.criteria().values():
         for row in gate.get("rows", []):
+            if row.get("metric") == "infra_error_rate":
+                continue
             if len(row["tasks"]) > 1 and all(t in tasks for t in row["tasks"]):
                 name = "+".join(row["tasks"])
                 if name not in [g[0] for g in groups]:
@@ -173,7 +175,10 @@ def _bands(run: Run, group: list[str]) -> dict[str, tuple[float, float, str]]:
                 continue
             band = row.get("expected") or (row.get("min") if row.get("min") is not None else 0.0,
                                            row.get("max") if row.get("max") is not None else 1.0)
-            out[row["metric"]] = (band[0], band[1], row["name"])
+            if row["metric"] == "not_loss_rate":       # not losing >= m is losses <= 1 - m
+                out["loss_rate"] = (1 - band[1], 1 - band[0], row["name"])
+            else:
+                out[row["metric"]] = (band[0], band[1], row["name"])
     return out
 
 
@@ -331,13 +336,19 @@ def phase_summaries(run: Run) -> list[tuple[str, str, dict]]:
     return out
 
 
+LINEAGE_OUTPUTS = ("adapter", "merged", "results", "gate", "phase1b_set", "train_data", "compare", "incident")
+
+
 def lineage_rows(run: Run) -> list[dict]:
-    """Each artifact: what it is, which stage made it, its hash, its parents (with fingerprints), red flags."""
+    """Each artifact that carries the lineage (models, eval results, verdicts, training sets): the stage that made
+    it, its hash, its parents with their fingerprints, its red flags. Side files (logs, summaries) are left out."""
     from cogumi.lineage import MANIFEST_NAME
     rows = []
     seen_base = set()
     for name, rec in sorted(run.records.items(), key=lambda kv: kv[1].get("index", 0)):
         for out_name, out in (rec.get("outputs") or {}).items():
+            if out_name not in LINEAGE_OUTPUTS:
+                continue
             path = run.dir / out["path"]
             man = _read_json(path / MANIFEST_NAME) if path.is_dir() else None
             row = {"artifact": f"{name}/{out_name}", "path": out["path"], "hash": out.get("hash"),
@@ -360,7 +371,8 @@ def lineage_rows(run: Run) -> list[dict]:
             else:
                 for up, info in ((rec.get("inputs") or {}).get("upstream") or {}).items():
                     for o, h in ((info or {}).get("outputs") or {}).items():
-                        row["parents"].append(f"{up}/{o} [{_short(h)}]")
+                        if o in LINEAGE_OUTPUTS:
+                            row["parents"].append(f"{up}/{o} [{_short(h)}]")
             rows.append(row)
     return rows
 
@@ -662,21 +674,22 @@ def _incident(doc: Doc, run: Run):
     if not data:
         return
     doc.h(2, "The 4-bit incident, reproduced", "incident")
-    doc.p("An adapter trained on a 4-bit (NF4) base, merged naively into the bf16 weights, against the "
-          "alternatives, on the tiny model:")
-    table = data.get("table") or data.get("rows")
-    if isinstance(table, list) and table and isinstance(table[0], dict):
-        header = list(dict.fromkeys(k for row in table for k in row))
-        doc.table(header, [[_fmt_value(row.get(k)) for k in header] for row in table])
-    flat = {k: v for k, v in data.items() if k not in ("table", "rows") and not isinstance(v, (dict, list))}
-    if flat:
-        doc.table(["key", "value"], [[k, _fmt_value(v)] for k, v in flat.items()])
-    for key in ("verify", "findings", "verdict", "conclusion"):
-        v = data.get(key)
-        if isinstance(v, list):
-            doc.bullets([x.get("message", str(x)) if isinstance(x, dict) else str(x) for x in v])
-        elif isinstance(v, dict):
-            doc.table(["key", "value"], [[k, _fmt_value(x)] for k, x in v.items()])
+    doc.p("A LoRA trained on an NF4 (4-bit) copy of the base and merged naively into the bf16 weights -- the setup "
+          "that corrupted the user's model -- next to the alternatives, scored on the same held-out rows, each "
+          "checked by `cogumi verify`:")
+    table = data.get("table") or []
+    if table and isinstance(table[0], dict):
+        doc.table(["model", "held-out loss", "token accuracy", "cogumi verify"],
+                  [[r.get("model"), _fmt_value(r.get("loss")),
+                    _pct(r["token_accuracy"]) if isinstance(r.get("token_accuracy"), (int, float)) else "-",
+                    r.get("verify")] for r in table], num_cols=(1, 2))
+    reds = [line for v in (data.get("verify") or {}).values() if isinstance(v, dict) for line in v.get("red_flags") or []]
+    doc.bullets(reds[:4], "red")
+    auto = data.get("auto") or {}
+    if isinstance(auto.get("original"), dict) and isinstance(auto.get("dequantized"), dict):
+        doc.p(f"merge --target auto measured both targets on held-out rows: original loss "
+              f"{auto['original'].get('loss', float('nan')):.3f}, dequantized loss "
+              f"{auto['dequantized'].get('loss', float('nan')):.3f}; kept '{auto.get('chosen', '?')}'.", "muted")
 
 
 def _fmt_value(v: Any) -> str:
