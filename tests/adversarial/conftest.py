@@ -7,7 +7,8 @@
   ``COGUMI_ADVERSARIAL_REPORT`` when that variable names a directory (docs/reliability.md's figures).
 * ``scan_artifacts(root)`` is the "nothing half-written is readable" check run after every kill.
 * Slow tests (the full sets) are skipped unless ``-m slow`` is asked for; the default run takes seeded
-  samples of the same case lists (see ``sample``).
+  samples of the same case lists (see ``sample``). ``pytest -m slow tests/adversarial`` runs the full sets
+  and every single-scenario test (disk full, targeted kills), i.e. everything but the samples.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,14 +42,21 @@ CLI_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 # slow tests: the full sets run only when asked for
 # ---------------------------------------------------------------------------------------------
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    """Default run: the samples and the single-scenario tests; the full sets (``slow``) are skipped.
+    ``-m slow``: the full sets plus every single-scenario test (they belong to both), not the samples."""
+    here = Path(__file__).parent
+    mine = [item for item in items if here in Path(str(item.fspath)).parents]
     markexpr = config.getoption("markexpr", "") or ""
     if "slow" in markexpr or os.environ.get("COGUMI_ADVERSARIAL_FULL") == "1":
+        for item in mine:
+            if "sample" not in item.name:
+                item.add_marker(pytest.mark.slow)
         return
-    here = Path(__file__).parent
     skip = pytest.mark.skip(reason="full adversarial set: run with `pytest -m slow tests/adversarial`")
-    for item in items:
-        if "slow" in item.keywords and here in Path(str(item.fspath)).parents:
+    for item in mine:
+        if "slow" in item.keywords:
             item.add_marker(skip)
 
 
@@ -452,14 +461,55 @@ def adv_data(tmp_path_factory) -> dict[str, Path]:
 @dataclass
 class Reference:
     path: Path
-    seconds: float
+    seconds: float                # the active part of its wall time (see ACTIVE_MARKERS)
+
+
+EVAL_N = 8           # per task; answers are cached every 8 generations, so a kill can land between two chunks
+
+
+def eval_args(model, data, out) -> list:
+    return ["eval", model, "--tasks", "gsm8k,mbpp", "--data", f"gsm8k={data['gsm8k']}",
+            "--data", f"mbpp={data['mbpp']}", "--n", EVAL_N, "--reference", data["reference"],
+            "--max-new-tokens", 24, "--batch-size", 1, "--timeout", 5, "--out", out]
+
+
+def shared_reference(tmp_path_factory, name: str, verb: str, args_for) -> Reference:
+    """An uninterrupted ``cogumi VERB`` run, built once per test session even under pytest-xdist (the workers
+    share their basetemp's parent, and a file lock lets one of them build while the others wait)."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "adversarial-shared"
+    root.mkdir(exist_ok=True)
+    record = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if record.exists():
+            info = json.loads(record.read_text())
+            return Reference(Path(info["path"]), info["seconds"])
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)
+        run = run_watched(args_for(out), verb=verb)
+        assert run.returncode == 0 and run.active_s, f"reference `cogumi {verb}` failed:\n{run.output[-3000:]}"
+        record.write_text(json.dumps({"path": str(out), "seconds": run.active_s}))
+        return Reference(out, run.active_s)
 
 
 @pytest.fixture(scope="session")
 def train_reference(tmp_path_factory, tiny_base, adv_data) -> Reference:
     """One uninterrupted ``cogumi train`` (6 steps, checkpoints every 2) through the CLI: what every
-    interrupted-and-resumed training run must equal, tensor for tensor. ``seconds``: its active part."""
-    out = tmp_path_factory.mktemp("train-ref") / "run"
-    run = run_watched(train_args(tiny_base, adv_data["train"], out), verb="train")
-    assert run.returncode == 0 and run.active_s, run.output[-3000:]
-    return Reference(out, run.active_s)
+    interrupted-and-resumed training run must equal, tensor for tensor."""
+    return shared_reference(tmp_path_factory, "train-ref", "train",
+                            lambda out: train_args(tiny_base, adv_data["train"], out))
+
+
+@pytest.fixture(scope="session")
+def merge_reference(tmp_path_factory, train_reference) -> Reference:
+    """``cogumi merge`` of the reference adapter, uninterrupted."""
+    return shared_reference(tmp_path_factory, "merge-ref", "merge",
+                            lambda out: ["merge", train_reference.path / "adapter", "--out", out])
+
+
+@pytest.fixture(scope="session")
+def eval_reference(tmp_path_factory, merge_reference, adv_data) -> Reference:
+    """``cogumi eval`` of the reference merged model on GSM8K + MBPP items, uninterrupted."""
+    return shared_reference(tmp_path_factory, "eval-ref", "eval",
+                            lambda out: eval_args(merge_reference.path, adv_data, out))
