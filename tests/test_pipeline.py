@@ -268,3 +268,35 @@ def test_inline_criteria_are_validated(tmp_path):
     bad = GOOD.replace("criteria: crit.yaml", "criteria: {criteria: [{name: x, tasks: [gsm8k], metric: nope, min: 0}]}")
     with pytest.raises(ConfigError, match="unknown metric 'nope'"):
         load_plan(write_plan(tmp_path, bad))
+
+
+def test_seed_plan_is_the_users_plan(tmp_path, shared_benchmarks, monkeypatch):
+    """configs/pipeline/seed-plan.yaml validates (given the data file) and says what the user's plan says."""
+    data = tmp_path / "train_600k.jsonl"
+    data.write_text('{"instruction": "hi", "response": "hello"}\n')
+    plan = load_plan(REPO / "configs/pipeline/seed-plan.yaml", [f"phase1a.data={data}"])
+    assert plan.phase1a.base_model == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+    assert {t: tp.n for t, tp in plan.validation.tasks.items()} == {"gsm8k": 50, "humaneval": 25, "mbpp": 25}
+    assert all(tp.split == "test" for tp in plan.validation.tasks.values())
+    assert all(tp.split == "train" for tp in plan.mining.tasks.values())
+    assert plan.validation.reference == "openai:gpt-4" and not plan.mining.include_both_wrong
+    assert Path(plan.gate.criteria) == (REPO / "configs/criteria/phase1a.yaml").resolve()
+    assert plan.phase1b.enabled and plan.phase1b.replay == 0 and not plan.incident
+    from cogumi.pipeline import build_stages
+    stages = [s.name for s in build_stages(plan) if s.enabled]
+    assert stages == ["preflight", "validate-base", "train-1a", "verify-adapter-1a", "merge-1a", "verify-merged-1a",
+                      "validate-1a", "gate-1a", "mine-1a", "failures-1a", "train-1b", "verify-adapter-1b",
+                      "merge-1b", "verify-merged-1b", "validate-1b", "compare-1a-1b", "gate-1b"]
+
+
+def test_preflight_refuses_a_quantized_base_before_anything_runs(tmp_path):
+    """The incident's base name stops the run at stage 01 with a red flag (no weights, no network)."""
+    from cogumi.pipeline import run_pipeline
+    p = write_plan(tmp_path, GOOD.replace("phase1a: {config: run.yaml}",
+                                          "phase1a: {config: run.yaml, base_model: unsloth/meta-llama-3.1-8b-instruct-unsloth-bnb-4bit}"))
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    with pytest.raises(RedFlagError, match="stopped at stage 01-preflight.*quantized"):
+        run_pipeline(p, run_dir=tmp_path / "run", log=lambda *_: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_at"] == "preflight" and summary["stages"][0]["status"] == "red_flag"
+    assert all(s["status"] in ("pending", "disabled") for s in summary["stages"][1:])

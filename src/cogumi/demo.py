@@ -258,7 +258,9 @@ def write_plan(out: Path, template: Path = PLAN) -> Path:
 def _console(line: str) -> None:
     """The demo's console: stage lines and the tables; every line also lands in its stage's log.txt."""
     text = str(line)
-    if text.startswith(("[", "gate ", "incident:")) and not text.startswith(("[ok]", "[warning]")):
+    stage_line = re.match(r"\[\d\d-", text) is not None
+    verdict = text.startswith("gate ") and text.rstrip().endswith(("PASS", "FAIL")) or text.startswith("error")
+    if stage_line or verdict or text.startswith("incident:") or "RED FLAG" in text and "incident" not in text:
         print(text, flush=True)
 
 
