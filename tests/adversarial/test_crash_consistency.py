@@ -18,16 +18,18 @@ per verb (4 kills); ``pytest -m slow`` runs the full schedule (26 kill moments).
 from __future__ import annotations
 
 import json
+import os
 import random
-import shutil
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import (EVAL_N, SEED, TINY_CONFIG, assert_same_tensors, cli, cli_env, eval_args, report,
-                       run_watched, sample, scan_artifacts, train_args)
+from .conftest import (EVAL_N, SEED, TINY_CONFIG, assert_same_tensors, cli, cli_argv, cli_env, descendants,
+                       eval_args, report, run_watched, sample, scan_artifacts, train_args, wait_gone)
 
 # (verb, chain id, kills in the chain): 26 kill moments (one drawn after its run already ended does not
 # land; the full test wants at least 20 that did).
@@ -250,14 +252,36 @@ def test_kill_after_the_last_checkpoint_resumes_without_an_extra_step(tmp_path, 
     assert_same_tensors(killed / "adapter", tmp_path / "uninterrupted" / "adapter", "adapter_model.safetensors")
 
 
+def test_kill_mid_merge_leaves_no_temporary_behind(tmp_path, train_reference, merge_reference):
+    """merge.py's own hook kills it right after its first shard, inside the temporary output dir; the rerun
+    must finish *and* not leave the dead run's partial output (an 8B merge: ~16 GB) beside the result."""
+    out = tmp_path / "merged"
+    args = ["merge", train_reference.path / "adapter", "--out", out, "--no-fidelity"]
+    killed = cli(*args, env=cli_env(COGUMI_TEST_KILL_AFTER_SHARDS="1"))
+    assert killed.returncode == -9 and not out.exists(), killed.stderr[-2000:]
+    assert list(tmp_path.glob(".merged.partial-*")), "the kill did not land inside the temporary output"
+    cli(*args, check=True)
+    assert_same_tensors(out, merge_reference.path)
+    leftovers = [p.name for p in tmp_path.glob(".merged.*")]
+    assert not leftovers, f"the killed merge's temporary output is still there after the rerun: {leftovers}"
+
+
+def sandboxed_pythons(pids: list[int]) -> list[int]:
+    """The sandbox runners among ``pids`` (their command line carries the sandbox marker; unshare's too, so it
+    is told apart by its executable)."""
+    found = []
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"cogumi-sandbox-" in a for a in argv) and not argv[0].endswith(b"unshare"):
+            found.append(pid)
+    return found
+
+
 def test_kill9_of_score_leaves_no_sandboxed_program_running(tmp_path, adv_data):
     """The harness dies (kill -9) while sandboxed programs sleep: none of them may live on."""
-    from .conftest import descendants, wait_gone
-    import os
-    import signal
-    import subprocess
-
-    from .conftest import cli_argv
     rows = [{"task_id": 700 + i, "text": "sleep", "code": "def solve(x):\n    return 2 * x",
              "test_list": ["assert solve(2) == 4"], "test_setup_code": "", "challenge_test_list": []}
             for i in range(4)]
@@ -271,17 +295,18 @@ def test_kill9_of_score_leaves_no_sandboxed_program_running(tmp_path, adv_data):
                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     children: list[int] = []
-    # wait until the four sandboxes are up (each is an unshare + python pair); the poll loop reads /proc
-    while time.monotonic() < deadline and len(children) < 8:
+    # poll /proc (bounded) until the four sandboxed interpreters run: the condition, not a fixed sleep
+    while time.monotonic() < deadline and len(sandboxed_pythons(children)) < 4:
         try:
             proc.wait(timeout=0.2)
             break
         except subprocess.TimeoutExpired:
             children = descendants(proc.pid)
-    assert len(children) >= 8, f"sandboxes did not start: {proc.stderr.read().decode()[-1500:] if proc.poll() is not None else children}"
+    assert len(sandboxed_pythons(children)) >= 4, \
+        f"sandboxes did not start: {proc.stderr.read().decode()[-1500:] if proc.poll() is not None else children}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    survivors = wait_gone(children, within=10)
+    survivors = wait_gone(children, within=5)
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)
     report("orphans", {"children": len(children), "survivors": len(survivors)})

@@ -18,8 +18,6 @@ Skipped where no mount namespace can be made.
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -29,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import assert_same_tensors, cli, cli_env, report, scan_artifacts, train_args, tree_hash
+from .conftest import assert_same_tensors, cli_env, report, scan_artifacts, train_args, tree_hash
 
 
 @lru_cache(maxsize=1)
