@@ -466,7 +466,33 @@ def preflight_base(cfg: RunConfig, log: Callable[[str], Any] = print):
     if name_reds and not cfg.allow_quantized_base:
         raise RedFlagError("refusing to train on a quantized base:\n  " + "\n  ".join(f.line() for f in name_reds) +
                            "\n(Override with allow_quantized_base: true only if you know why; it is recorded.)")
-    return check_training_base(cfg.base_model, cfg.base_revision, allow_quantized=cfg.allow_quantized_base, log=log)
+    result = check_training_base(cfg.base_model, cfg.base_revision, allow_quantized=cfg.allow_quantized_base,
+                                 log=log)
+    _check_base_has_weights(cfg.base_model)
+    return result
+
+
+def _check_base_has_weights(base: str) -> None:
+    from cogumi.lineage import is_local, weight_files
+    if not is_local(base):
+        return
+    base_dir = Path(base).expanduser()
+    if base_dir.is_dir() and not weight_files(base_dir):
+        raise CogumiError(f"{base_dir}: no weight files (*.safetensors or *.bin) in the base model directory; "
+                          "copy the model's weights there or point base_model at a complete model")
+
+
+def check_tokenizer_fits_model(tokenizer, base_cfg: dict, base: str) -> None:
+    """Refuse a tokenizer whose ids run past the model's embedding (added tokens without resized embeddings)."""
+    vocab_size = base_cfg.get("vocab_size") or (base_cfg.get("text_config") or {}).get("vocab_size")
+    if not isinstance(vocab_size, int):
+        return
+    n_tokens = len(tokenizer)
+    if n_tokens > vocab_size:
+        where = Path(base).expanduser()
+        raise CogumiError(f"tokenizer of {where} ({where / 'tokenizer.json'}) has {n_tokens} tokens but the model's "
+                          f"{where / 'config.json'} says vocab_size {vocab_size}: token ids past the embedding's end. "
+                          "Use the tokenizer that belongs to this model, or resize the model's embeddings first.")
 
 
 def _check_output_dir(out: Path, resume: bool, log) -> Path | None:
@@ -566,6 +592,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
 
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, revision=cfg.base_revision)
+    check_tokenizer_fits_model(tokenizer, base_cfg, cfg.base_model)
 
     if resume:
         check_resume_matches(out, cfg)
