@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,6 +59,29 @@ def atomic_write_jsonl(path: str | os.PathLike, rows) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                 # someone else's live process
+    return True
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Remove ``.{name}.partial-{pid}-*`` dirs left by a killed writer (``kill -9`` skips cleanup; an 8B merge
+    leaves ~16 GB). Only dirs whose PID is no longer alive are removed; a live writer's dir is kept."""
+    prefix = f".{out.name}.partial-"
+    for stale in out.parent.glob(f"{glob_escape(prefix)}*"):
+        pid_text = stale.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue                # an older unnamed temp: its owner is unknown, leave it
+        pid = int(pid_text)
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; rename it to ``out`` when the block succeeds.
@@ -69,7 +93,8 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _remove_dead_partials(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
