@@ -118,6 +118,7 @@ import builtins, json, os, sys
 def _main():
     cfg = json.loads(sys.argv[1])
     nonce = sys.stdin.readline().strip()
+    error_tag = sys.stdin.readline().strip()  # the runner's own error lines carry it; untagged lines are ignored
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
@@ -131,7 +132,7 @@ def _main():
 
     def report(kind, text):
         try:
-            os.write(result_fd, (kind + " " + json.dumps(text) + "\n").encode())
+            os.write(result_fd, (kind + " " + error_tag + " " + json.dumps(text) + "\n").encode())
         except OSError:
             pass
 
@@ -541,6 +542,27 @@ def _unshare_prefix() -> list[str]:
         return list(_UNSHARE)
 
 
+_LIBC = None
+
+
+def _death_signal_setter():
+    """A preexec_fn: in the forked child, before exec, SIGKILL it when the harness dies (even by kill -9), so
+    no sandbox process outlives ``cogumi score``. It applies to the direct child (``unshare --kill-child`` or
+    the runner itself); the runner cannot fork, and unshare's --kill-child takes its namespace down with it.
+    libc is loaded here, in the parent: dlopen after fork in a threaded parent could deadlock."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    libc, parent = _LIBC, os.getpid()
+
+    def set_death_signal() -> None:
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the harness already died between fork and prctl
+            os._exit(1)
+    return set_death_signal
+
+
 def _clean_env(work: str) -> dict[str, str]:
     # An allowlist, not a blocklist: nothing of the parent's environment (API keys, tokens) gets through.
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work, "LANG": "C.UTF-8",
@@ -700,6 +722,7 @@ def _run_in(root: Path, program: str, tests: str, timeout: float, limits: Limits
     (io / "tests.py").write_text(tests, encoding="utf-8")
     marker = MARKER_PREFIX + secrets.token_hex(8)
     nonce = secrets.token_hex(24)
+    error_tag = secrets.token_hex(16)
     result_fd = os.open(io / "result", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     ready_r, ready_w = os.pipe()
     cfg = {"marker": marker, "program": str(io / "program.py"), "tests": str(io / "tests.py"),
@@ -714,12 +737,12 @@ def _run_in(root: Path, program: str, tests: str, timeout: float, limits: Limits
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=work,
                                     env=_clean_env(str(work)), start_new_session=True,
-                                    pass_fds=(result_fd, ready_w))
+                                    pass_fds=(result_fd, ready_w), preexec_fn=_death_signal_setter())
         finally:
             os.close(result_fd)
             os.close(ready_w)
         try:
-            proc.stdin.write((nonce + "\n").encode())
+            proc.stdin.write((nonce + "\n" + error_tag + "\n").encode())
             proc.stdin.close()
         except OSError:
             pass
@@ -748,18 +771,20 @@ def _run_in(root: Path, program: str, tests: str, timeout: float, limits: Limits
                     survivors=len(survivors))
     if prefix and res.layers:
         res.layers = ("pidns", "netns") + res.layers
-    res.status, res.detail = _classify(res, result, nonce, layers_text, usage, timeout)
+    res.status, res.detail = _classify(res, result, nonce, error_tag, layers_text, usage, timeout)
     if survivors:
         res.status, res.detail = "infra_error", f"sandbox: {len(survivors)} process(es) survived SIGKILL"
     return res
 
 
-def _classify(res: RunResult, result: str, nonce: str, layers_text: str, usage: _Usage | None,
+def _classify(res: RunResult, result: str, nonce: str, error_tag: str, layers_text: str, usage: _Usage | None,
               timeout: float) -> tuple[str, str]:
     lines = result.splitlines()
     if f"pass {nonce}" in lines:
         return "passed", "passed all tests"
-    errors = [ln[6:] for ln in lines if ln.startswith("error ")]
+    # The result fd is visible to the program (its number is in sys.argv): only the runner's tagged lines count.
+    tagged = f"error {error_tag} "
+    errors = [ln[len(tagged):] for ln in lines if ln.startswith(tagged)]
     first_error = None
     if errors:
         try:
