@@ -319,3 +319,17 @@ def test_packed_rows_never_attend_to_each_other(tmp_path, tiny_base, train_file,
     s, e = starts[1], starts[2]
     assert not torch.allclose(naive[s:e], packed[s:e], atol=1e-3)     # the check can see cross-row attention
     assert speed.attn_implementation == ("cogumi_varlen" if attn == "auto" else "sdpa")
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_and_never_a_partial_one(tmp_path):
+    from cogumi.train import COMPLETE_MARKER, list_checkpoints, rotate_complete_checkpoints
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        if step != 8:                                   # checkpoint-8: HF saved it, marker not yet written
+            (root / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}")
+    removed = rotate_complete_checkpoints(root, 1)
+    complete, partial = list_checkpoints(root)
+    assert [p.name for p in removed] == ["checkpoint-2", "checkpoint-4"]
+    assert [p.name for p in complete] == ["checkpoint-6"] and [p.name for p in partial] == ["checkpoint-8"]
+    assert rotate_complete_checkpoints(root, None) == [] and len(list_checkpoints(root)[0]) == 1

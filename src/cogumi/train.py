@@ -73,6 +73,21 @@ def newest_complete_checkpoint(checkpoint_root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def rotate_complete_checkpoints(checkpoint_root: Path, limit: int | None) -> list[Path]:
+    """Delete the oldest *complete* checkpoints beyond ``limit``, never the newest one.
+
+    Done here, after the newest checkpoint's marker is written, instead of by HF (which rotates before cogumi
+    can mark the new checkpoint complete: a kill in that window would leave no complete checkpoint at all).
+    """
+    if not limit or limit <= 0:
+        return []
+    complete, _ = list_checkpoints(checkpoint_root)
+    doomed = complete[:-max(limit, 1)]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
 # ---------------------------------------------------------------------------------------------
 # callbacks
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +122,7 @@ def make_callbacks(cfg: RunConfig, out: Path, log: Callable[[str], Any], *, prio
                     atomic_write_json(ckpt / COMPLETE_MARKER, {
                         "step": state.global_step, "time": time.time(),
                         "wall_s": round(prior_wall_s + time.time() - session_start, 3)})
+                    rotate_complete_checkpoints(Path(args.output_dir), cfg.training.save_total_limit)
 
     class Monitor(TrainerCallback):
         """Red flags checked live, train_log.jsonl, GPU stats."""
@@ -269,7 +285,8 @@ def sft_config(cfg: RunConfig, speed, *, output_dir: Path, strategy: str = "sing
         completion_only_loss=True,          # our completion_mask marks every assistant turn (+ end-of-turn)
         logging_steps=t.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         include_num_input_tokens_seen="non_padding",
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=None,
+        # ^ cogumi rotates itself, after the completeness marker (rotate_complete_checkpoints)
         eval_strategy="no",
         report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",
         ddp_find_unused_parameters=False,
