@@ -444,6 +444,15 @@ def human_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{int(n):,} bytes"
 
 
+def config_dtype_mismatch(model_dir: str | os.PathLike, cfg: dict) -> Finding | None:
+    """The red dtype-mismatch finding of a local model dir (config.json vs safetensors headers), if any."""
+    entries, _ = scan_weight_files(model_dir)
+    if not entries:
+        return None
+    return next((f for f in weights_findings(Path(model_dir), cfg, entries)
+                 if f.code == "dtype-mismatch" and f.level == "red"), None)
+
+
 def weights_findings(model_dir: Path, cfg: dict, entries: dict[str, TensorEntry]) -> list[Finding]:
     """Dtype, size and completeness of a model dir's weights against its config (headers only)."""
     out: list[Finding] = []
@@ -461,9 +470,13 @@ def weights_findings(model_dir: Path, cfg: dict, entries: dict[str, TensorEntry]
     float_dtypes = {e.dtype for n, e in entries.items() if e.dtype in FLOAT_DTYPES and n not in aux}
     declared = CONFIG_DTYPE_TO_SAFETENSORS.get(str(config_dtype(cfg)))
     if declared and float_dtypes and float_dtypes != {declared}:
-        out.append(Finding("warn", "dtype-mismatch",
-                           f"{model_dir}: config.json says dtype {config_dtype(cfg)} but the weights are "
-                           f"{', '.join(sorted(float_dtypes))}", "set config.json's dtype to the weights' dtype"))
+        # None of the weights in the declared dtype: loading with dtype="auto" would silently cast them all
+        # (e.g. bf16 -> float16, which can overflow). Mixed dtypes that include the declared one only warn.
+        level = "red" if declared not in float_dtypes else "warn"
+        out.append(Finding(level, "dtype-mismatch",
+                           f"{model_dir}: config.json says dtype {config_dtype(cfg)} but the weights are stored as "
+                           f"{', '.join(sorted(float_dtypes))}",
+                           "set config.json's dtype (and torch_dtype) to the weights' stored dtype"))
     expected_names = expected_tensor_names(cfg)
     if expected_names is not None:
         missing = [n for n in expected_names if n not in entries and not (n + ".absmax") in entries]

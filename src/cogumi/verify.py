@@ -18,6 +18,7 @@ input (no such dir, neither an adapter nor a model, unreadable config). All rule
 from __future__ import annotations
 
 import json
+import sys
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -176,4 +177,6 @@ def verify_command(path: str, *, base: str | None = None, as_json: bool = False)
     warns = sum(f.level == "warn" for f in findings)
     print(f"verify {path}: " + (f"{len(reds)} red flag(s), {warns} warning(s)" if reds else
                                 f"clean ({warns} warning(s))" if warns else "clean"))
+    for f in reds:  # the CLI's convention for a refusal: one `error:` line per red flag on stderr
+        print(f"error: {f.message}" + (f" -> {f.fix}" if f.fix else ""), file=sys.stderr)
     return code

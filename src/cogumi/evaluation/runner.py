@@ -306,6 +306,16 @@ def _prepare_out(out: Path, overwrite: bool, log) -> None:
     (out / "cache").mkdir(parents=True, exist_ok=True)
 
 
+def _check_local_model_config(model_dir: Path) -> None:
+    """Before --out is touched: config.json must parse, and its dtype must be the weights' stored dtype
+    (loading with dtype="auto" would otherwise silently cast, e.g. bf16 weights to float16)."""
+    from cogumi.lineage import config_dtype_mismatch, read_model_config
+    cfg = read_model_config(str(model_dir))
+    mismatch = config_dtype_mismatch(model_dir, cfg)
+    if mismatch is not None:
+        raise CogumiError(f"{mismatch.message}; refusing to evaluate it in the wrong dtype -> {mismatch.fix}")
+
+
 def _side(spec: str, role: str, *, tasks: list[str], base: str | None, endpoint: str | None, api_model: str | None,
           policy: RetryPolicy, budget: RetryBudget, max_new_tokens: int, batch_size: int, api_workers: int):
     if is_endpoint_spec(spec):
@@ -316,6 +326,8 @@ def _side(spec: str, role: str, *, tasks: list[str], base: str | None, endpoint:
     if p.is_file():
         return PredictionsSide(str(p), tasks)
     if p.is_dir():
+        if (p / "config.json").exists():
+            _check_local_model_config(p)
         if (p / "config.json").exists() or (p / "adapter_config.json").exists():
             return LocalModelSide(str(p), base if role == "candidate" else None,
                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
