@@ -570,6 +570,23 @@ def _marker_wall_s(checkpoint: Path) -> float:
         return 0.0
 
 
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    """True when the checkpoint's own trainer_state.json says it reached the run's planned last step."""
+    try:
+        st = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    step, planned = st.get("global_step"), st.get("max_steps")
+    return isinstance(step, int) and isinstance(planned, int) and planned > 0 and step >= planned
+
+
+def load_final_checkpoint(trainer, checkpoint: Path) -> None:
+    """Put the checkpoint's adapter weights and trainer state (steps, tokens, log history) into ``trainer``."""
+    from transformers import TrainerState
+    trainer._load_from_checkpoint(str(checkpoint))      # HF's own loader (PEFT adapter aware)
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
 def _truncate_train_log(path: Path, step: int) -> None:
     """On resume, drop log rows after the checkpoint's step (they will be logged again)."""
     if not path.exists():
@@ -656,7 +673,13 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
         f"attention {speed.attn_implementation}" + (f", {strategy.upper()}" if strategy != "single" else ""))
     monitor = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "Monitor")
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None and checkpoint_is_final(resume_from):
+        # Killed after the final checkpoint but before the adapter was written: HF's train() would take one
+        # more optimizer step past max_steps. Load the final checkpoint's weights and state instead.
+        say(f"resume: {resume_from.name} is the final step; writing the adapter from it without training")
+        load_final_checkpoint(trainer, resume_from)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = prior_wall + time.time() - t0
     eval_metrics = trainer.evaluate() if data.eval_dataset is not None else None
 
