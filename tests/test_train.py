@@ -333,3 +333,30 @@ def test_rotation_keeps_the_newest_complete_checkpoints_and_never_a_partial_one(
     assert [p.name for p in removed] == ["checkpoint-2", "checkpoint-4"]
     assert [p.name for p in complete] == ["checkpoint-6"] and [p.name for p in partial] == ["checkpoint-8"]
     assert rotate_complete_checkpoints(root, None) == [] and len(list_checkpoints(root)[0]) == 1
+
+
+def test_a_full_disk_is_told_apart_from_other_training_failures(tmp_path):
+    import errno
+
+    from cogumi.train import disk_full_error
+    torch_save = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 1024")
+    wrapped = RuntimeError("checkpoint failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    for exc in (torch_save, wrapped, OSError(errno.ENOSPC, "x")):
+        err = disk_full_error(exc, tmp_path)
+        assert err is not None and "disk full" in str(err) and "--resume" in str(err) and err.exit_code != 0
+    assert disk_full_error(ValueError("shapes do not match"), tmp_path) is None    # tmp_path has free space
+
+
+def test_cli_turns_enospc_into_one_error_line(monkeypatch, capsys):
+    import errno
+
+    import cogumi.train as train
+
+    def no_space(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device", "/full/run/train_log.jsonl")
+    monkeypatch.setattr(train, "train_command", no_space)
+    code = main(["train", str(CONFIG)])
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: disk full while writing /full/run/train_log.jsonl")
+    assert "Traceback" not in err

@@ -7,6 +7,7 @@ Each verb hands its parsed arguments to the module that does the work. Errors a 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -222,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: disk full while writing{where} (no space left on device): free space and run again "
+              "with --resume", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

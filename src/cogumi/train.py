@@ -570,6 +570,33 @@ def _marker_wall_s(checkpoint: Path) -> float:
         return 0.0
 
 
+# How a full disk shows through torch.save / safetensors / HF, when it is not a plain OSError(ENOSPC).
+DISK_FULL_SIGNS = ("no space left", "unexpected pos", "file write failed", "storagefull", "disk quota")
+NEARLY_FULL_BYTES = 16 << 20
+
+
+def disk_full_error(exc: BaseException, out: Path) -> CogumiError | None:
+    """A CogumiError when ``exc`` (or an exception it chains from) was caused by a full disk under ``out``."""
+    import errno
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    says_full = False
+    while cause is not None and id(cause) not in seen and not says_full:
+        seen.add(id(cause))
+        says_full = (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)) or \
+            any(sign in str(cause).lower() for sign in DISK_FULL_SIGNS)
+        cause = cause.__cause__ or cause.__context__
+    if not says_full:
+        try:
+            if shutil.disk_usage(out).free > NEARLY_FULL_BYTES:
+                return None
+        except OSError:
+            return None
+    return CogumiError(f"disk full while writing under {out} (no space left on device: {type(exc).__name__}); "
+                       "the newest complete checkpoint is kept: free space and run again with --resume",
+                       exit_code=1)
+
+
 def checkpoint_is_final(checkpoint: Path) -> bool:
     """True when the checkpoint's own trainer_state.json says it reached the run's planned last step."""
     try:
@@ -679,7 +706,15 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
         say(f"resume: {resume_from.name} is the final step; writing the adapter from it without training")
         load_final_checkpoint(trainer, resume_from)
     else:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except CogumiError:
+            raise
+        except Exception as e:
+            full = disk_full_error(e, out)
+            if full is None:
+                raise
+            raise full from e
     wall = prior_wall + time.time() - t0
     eval_metrics = trainer.evaluate() if data.eval_dataset is not None else None
 
