@@ -227,8 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" {e.filename}" if e.filename else ""
-        print(f"error: disk full while writing{where} (no space left on device): free space and run again "
-              "with --resume", file=sys.stderr)
+        again = "run again with --resume" if hasattr(args, "resume") else "run the same command again"
+        print(f"error: disk full while writing{where} (no space left on device): free space and {again}",
+              file=sys.stderr)
         return 1
     return int(code or 0)
 
