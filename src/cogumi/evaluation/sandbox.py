@@ -130,9 +130,14 @@ def _main():
     os.unlink(cfg["tests"])
     result_fd, ready_fd = cfg["result_fd"], cfg["ready_fd"]
 
+    # Everything used after the program ran is bound here, to locals: the program can rewrite this
+    # module's globals (sys.modules["__main__"]), os and json, but not these names.
+    write, hard_exit, dumps, run_code, describe, flush = os.write, os._exit, json.dumps, exec, _describe, _flush
+    quiet_down, strict_eq = _quiet_down, _make_strict_eq()
+
     def report(kind, text):
         try:
-            os.write(result_fd, (kind + " " + error_tag + " " + json.dumps(text) + "\n").encode())
+            write(result_fd, (kind + " " + error_tag + " " + dumps(text) + "\n").encode())
         except OSError:
             pass
 
@@ -161,6 +166,9 @@ def _main():
         _install_audit_hook(cfg["work"], state)
         layers.append("audit")
     pristine_builtins = dict(builtins.__dict__)
+    pristine_globals = dict(globals())
+    runner_globals = globals()
+    quiet = _quiet_down_state()
     pristine_modules = {m: (sys.modules[m], dict(sys.modules[m].__dict__)) for m in test_modules if m in sys.modules}
     os.write(ready_fd, ",".join(layers).encode())
     os.close(ready_fd)
@@ -168,8 +176,11 @@ def _main():
     ns = {"__name__": "program", "__builtins__": builtins}
     phase = "program"
     try:
-        exec(program_code, ns)
+        run_code(program_code, ns)
         phase = "tests"
+        quiet_down(quiet)
+        runner_globals.clear()
+        runner_globals.update(pristine_globals)
         builtins.__dict__.clear()
         builtins.__dict__.update(pristine_builtins)
         for name, (module, snapshot) in pristine_modules.items():
@@ -177,17 +188,43 @@ def _main():
             module.__dict__.clear()
             module.__dict__.update(snapshot)
         ns["__builtins__"] = builtins
-        ns["__cogumi_eq__"] = _strict_eq
-        exec(tests_code, ns)
+        ns["__cogumi_eq__"] = strict_eq
+        run_code(tests_code, ns)
     except BaseException as e:
         nonce = None
         state["reporting"] = True
-        report("error", _describe(e, phase, tests_src))
-        _flush()
-        os._exit(1)
-    _flush()
-    os.write(result_fd, ("pass " + nonce + "\n").encode())
-    os._exit(0)
+        report("error", describe(e, phase, tests_src))
+        flush()
+        hard_exit(1)
+    flush()
+    write(result_fd, ("pass " + nonce + "\n").encode())
+    hard_exit(0)
+
+
+def _quiet_down_state():
+    """What the program could use to act again during the tests, captured before it runs."""
+    import _thread, gc, signal
+    return {"gc_callbacks": gc.callbacks, "set_threshold": gc.set_threshold, "threshold": gc.get_threshold(),
+            "threads": _thread._count, "signal": signal}
+
+
+def _quiet_down(q):
+    """Between the program and the tests: no gc callbacks, timers or signal handlers of the program may
+    run during the tests (they could re-patch the checker), and no thread of it may still be alive."""
+    del q["gc_callbacks"][:]
+    q["set_threshold"](*q["threshold"])
+    sig = q["signal"]
+    for timer in (sig.ITIMER_REAL, sig.ITIMER_VIRTUAL, sig.ITIMER_PROF):
+        sig.setitimer(timer, 0)
+    for s in sig.valid_signals():
+        try:
+            handler = sig.getsignal(s)
+            if callable(handler) and handler is not sig.default_int_handler:
+                sig.signal(s, sig.SIG_IGN if s == sig.SIGPIPE else sig.SIG_DFL)
+        except (OSError, ValueError, TypeError, RuntimeError):
+            pass
+    if q["threads"]() > 0:
+        raise RuntimeError("the program left %d thread(s) running when the tests started" % q["threads"]())
 
 
 def _flush():
@@ -254,21 +291,45 @@ def _prepare_tests(tests_src):
     return compile(tree, "<tests>", "exec"), modules
 
 
-def _program_eq(x):
-    for klass in type(x).__mro__:
-        eq = klass.__dict__.get("__eq__")
-        if eq is not None:
-            code = getattr(eq, "__code__", None)
-            return code is not None and code.co_filename == "<program>"
-    return False
+def _make_strict_eq():
+    """The tests' ``==``, built before the program runs. An ``__eq__`` defined on a class that did not exist
+    before the program ran (the program's own, however its ``__eq__`` was made: eval, partial,
+    partialmethod, a C callable) is not trusted to say a value equals one of the tests'."""
+    import collections, dataclasses, datetime, decimal, enum, fractions  # stdlib value types, known up front
+    type_mro, type_dict, type_subclasses = type.__dict__["__mro__"].__get__, type.__dict__["__dict__"].__get__, \
+        type.__subclasses__
+    heap_flag = 1 << 9  # Py_TPFLAGS_HEAPTYPE: classes made by class statements or type()
+    flags_of = type.__dict__["__flags__"].__get__
+    known, classes, todo = set(), [], [object]  # ids, and the classes kept alive so no id is reused
+    while todo:
+        cls = todo.pop()
+        if id(cls) in known:
+            continue
+        known.add(id(cls))
+        classes.append(cls)
+        try:
+            todo.extend(type_subclasses(cls))
+        except TypeError:
+            todo.extend(type_subclasses(cls, cls))
+    keep_alive = [known, classes]
+    _type, _id, _bool = type, id, bool
 
-
-def _strict_eq(a, b):
-    r = a == b
-    if r is True and ((_program_eq(a) and type(b).__module__ == "builtins")
-                      or (_program_eq(b) and type(a).__module__ == "builtins")):
+    def untrusted_eq(value):
+        for klass in type_mro(_type(value)):
+            if "__eq__" in type_dict(klass):
+                return _bool(flags_of(klass) & heap_flag) and _id(klass) not in known
         return False
-    return r
+
+    def strict_eq(a, b):
+        ua, ub = untrusted_eq(a), untrusted_eq(b)
+        r = a == b
+        if ua != ub:
+            return False  # a program-made __eq__ against a value of the tests
+        if ua:
+            return r is True
+        return r
+    strict_eq.keep_alive = keep_alive
+    return strict_eq
 
 
 def _set_rlimits(cfg):
@@ -438,7 +499,8 @@ def _install_audit_hook(work, state):
     spawn = {"os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
              "pty.spawn", "os.startfile", "resource.setrlimit", "resource.prlimit", "sys._current_frames",
              "sys.settrace", "sys.setprofile", "sys._getframe", "sys._current_exceptions", "gc.get_objects",
-             "gc.get_referrers", "gc.get_referents", "code.__new__", "os.chroot", "sys.remote_exec"}
+             "gc.get_referrers", "gc.get_referents", "code.__new__", "os.chroot", "sys.remote_exec",
+             "sys.addaudithook"}  # the program's own hook could re-patch the checker on the tests' exec
     introspect = {"sys._getframe", "sys._current_frames", "sys._current_exceptions", "gc.get_objects",
                   "gc.get_referrers", "gc.get_referents"}
     frame_attrs = {"tb_frame", "gi_frame", "cr_frame", "ag_frame", "f_back"}
