@@ -35,6 +35,19 @@ from pathlib import Path
 PROMPT_WIDTH_MULTIPLE = 64
 
 
+def _refuse_lying_dtype(model: str) -> None:
+    """dtype="auto" follows config.json: a config that declares float16 over bf16 weights would silently
+    cast them (and float16 can overflow where bf16 does not). A local dir must agree with its weights."""
+    from cogumi.errors import CogumiError
+    from cogumi.lineage import config_dtype_mismatch, read_model_config
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        return
+    mismatch = config_dtype_mismatch(path, read_model_config(str(path)))
+    if mismatch is not None:
+        raise CogumiError(f"{mismatch.message}; refusing to load it in the wrong dtype -> {mismatch.fix}")
+
+
 def load_candidate(model: str, base: str | None = None, *, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,10 +63,12 @@ def load_candidate(model: str, base: str | None = None, *, device: str | None = 
             man = read_manifest(path) or {}
             base = (man.get("base") or {}).get("path") or (man.get("base") or {}).get("id") or \
                 json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        _refuse_lying_dtype(base)
         base_model = AutoModelForCausalLM.from_pretrained(base, dtype="auto").to(device)
         m = PeftModel.from_pretrained(base_model, str(path)).eval()
         tok = AutoTokenizer.from_pretrained(str(path) if (path / "tokenizer_config.json").exists() else base)
     else:
+        _refuse_lying_dtype(model)
         m = AutoModelForCausalLM.from_pretrained(model, dtype="auto").to(device).eval()
         tok = AutoTokenizer.from_pretrained(model)
     return m, tok
