@@ -425,12 +425,13 @@ def tree_hash(root: Path) -> str:
     h = hashlib.sha256()
     root = Path(root)
     paths = [root] if root.is_file() else sorted(root.rglob("*"))
+    base = root.parent if root.is_file() else root   # a tree's own root: two copies of one tree hash alike
     for p in paths:
         if p.is_file() or p.is_symlink():
-            h.update(str(p.relative_to(root.parent)).encode() + b"\0")
+            h.update(str(p.relative_to(base)).encode() + b"\0")
             h.update(p.read_bytes() if p.is_file() else os.readlink(p).encode())
         elif p.is_dir():
-            h.update(str(p.relative_to(root.parent)).encode() + b"/\0")
+            h.update(str(p.relative_to(base)).encode() + b"/\0")
     return h.hexdigest()
 
 
