@@ -300,3 +300,24 @@ def test_preflight_refuses_a_quantized_base_before_anything_runs(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["stopped_at"] == "preflight" and summary["stages"][0]["status"] == "red_flag"
     assert all(s["status"] in ("pending", "disabled") for s in summary["stages"][1:])
+
+
+def test_eval_metrics_bill_the_endpoint_tokens(tmp_path):
+    from cogumi.pipeline import _summary_metrics
+    plan = load_plan(write_plan(tmp_path, GOOD))
+    summary = {"tasks": {"gsm8k": {"n": 3}}, "endpoints": {
+        "openai:gpt-4": {"requests": 3, "prompt_tokens": 200_000, "completion_tokens": 50_000}}}
+    m = _summary_metrics(summary, plan)
+    assert m["api_cost_usd"] == pytest.approx(0.2 * 30 + 0.05 * 60)
+    assert m["api"]["openai:gpt-4"]["requests"] == 3
+
+
+def test_cost_adds_gpu_time_and_api_spend(tmp_path):
+    def evaluates(ctx):
+        return {"api_cost_usd": 1.25}
+    stages = [Stage(1, "eval", "eval", evaluates, gpu=True), Stage(2, "cpu", "cpu", lambda ctx: {}, gpu=False)]
+    summary = Engine(stages, tmp_path / "r", log=lambda *_: None, gpu_hourly_usd=3600.0).run(resume=False)
+    eval_stage, cpu_stage = summary["stages"]
+    assert eval_stage["cost_usd"] == pytest.approx(1.25 + eval_stage["seconds"], abs=0.01)
+    assert cpu_stage["cost_usd"] == 0.0
+    assert summary["total_cost_usd"] == pytest.approx(eval_stage["cost_usd"], abs=1e-3)

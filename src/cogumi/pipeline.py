@@ -141,6 +141,8 @@ class Phase1BPlan:
 @dataclass
 class CostPlan:
     gpu_hourly_usd: float = 2.5
+    api_prompt_usd_per_1m: float = 30.0       # reference/judge endpoint prices (GPT-4: $30 / $60 per 1M tokens)
+    api_completion_usd_per_1m: float = 60.0
 
 
 @dataclass
@@ -578,8 +580,10 @@ class Engine:
             if Path(path).exists():
                 outputs[name] = {"path": os.path.relpath(Path(path).resolve(), self.run_dir.resolve()),
                                  "hash": content_hash(Path(path))}
+        gpu_cost = seconds / 3600 * self.gpu_hourly_usd if record.get("gpu") else 0.0
+        api_cost = float((metrics or {}).get("api_cost_usd") or 0.0)
         record.update(status=status, finished=_now(), seconds=round(seconds, 3),
-                      cost_usd=round(seconds / 3600 * self.gpu_hourly_usd, 4) if record.get("gpu") else 0.0,
+                      cost_usd=round(gpu_cost + api_cost, 4),
                       outputs=outputs, metrics=metrics or {}, findings=ctx.findings)
         if reason:
             record["reason"] = reason
@@ -837,6 +841,7 @@ def run_eval_stage(ctx: StageContext, model: Path | str, tasks: dict[str, TaskPl
     accepts = inspect.signature(run_eval).parameters
     rows: list[dict] = []
     combined: dict | None = None
+    endpoints: dict[str, dict] = {}
     for name, tp in tasks.items():
         kwargs = dict(settings)
         if "split" in accepts:
@@ -853,6 +858,12 @@ def run_eval_stage(ctx: StageContext, model: Path | str, tasks: dict[str, TaskPl
             combined = {k: v for k, v in summary.items() if k != "tasks"}
             combined.update(tasks={}, n={}, split={})
         combined["tasks"][name] = summary["tasks"][name]
+        for label, stats in (summary.get("endpoints") or {}).items():
+            acc = endpoints.setdefault(label, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+            usage = stats.get("usage") or {}
+            acc["requests"] += int(stats.get("requests") or 0)
+            acc["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+            acc["completion_tokens"] += int(usage.get("completion_tokens") or 0)
         combined["n"][name] = tp.n
         combined["split"][name] = tp.split
     recount = summarize(rows, list(tasks))["tasks"]
@@ -860,6 +871,7 @@ def run_eval_stage(ctx: StageContext, model: Path | str, tasks: dict[str, TaskPl
         for key in ("n", "wins", "ties", "losses", "correct"):
             if recount[name][key] != combined["tasks"][name][key]:
                 raise CogumiError(f"eval of {name}: summary.json and results.jsonl disagree on {key}")
+    combined["endpoints"] = endpoints
     atomic_write_jsonl(out / "results.jsonl", rows)
     atomic_write_json(out / "summary.json", combined)
     ctx.output("results", out / "results.jsonl")
@@ -875,13 +887,18 @@ def stage_validate(plan: Plan, phase: str):
             model = ctx.input(f"merge-{phase}", "merged")
         summary = run_eval_stage(ctx, model, plan.validation.tasks, _eval_settings(plan, mining=False),
                                  ctx.dir / "eval")
-        return _summary_metrics(summary)
+        return _summary_metrics(summary, plan)
     return run
 
 
-def _summary_metrics(summary: dict) -> dict:
+def _summary_metrics(summary: dict, plan: Plan) -> dict:
+    """Per-task results, and what the endpoints (GPT-4 as reference, an LLM judge) were paid for."""
+    api = summary.get("endpoints") or {}
+    prompt = sum(e["prompt_tokens"] for e in api.values())
+    completion = sum(e["completion_tokens"] for e in api.values())
+    cost = prompt / 1e6 * plan.cost.api_prompt_usd_per_1m + completion / 1e6 * plan.cost.api_completion_usd_per_1m
     return {"tasks": summary.get("tasks") or {}, "model": summary.get("model"), "reference": summary.get("reference"),
-            **({"usage": summary["usage"]} if summary.get("usage") else {})}
+            "api": api, "api_cost_usd": round(cost, 4)}
 
 
 def stage_gate(plan: Plan, phase: str):
@@ -925,7 +942,7 @@ def stage_mine(plan: Plan):
     def run(ctx: StageContext) -> dict:
         summary = run_eval_stage(ctx, ctx.input("merge-1a", "merged"), plan.mining.tasks,
                                  _eval_settings(plan, mining=True), ctx.dir / "eval")
-        return _summary_metrics(summary)
+        return _summary_metrics(summary, plan)
     return run
 
 
