@@ -452,8 +452,9 @@ class Engine:
     """Runs ``stages`` in order in ``run_dir`` (see the module docstring for the protocol)."""
 
     def __init__(self, stages: list[Stage], run_dir: Path, *, meta: dict | None = None, log=print,
-                 gpu_hourly_usd: float = 0.0, capture_output: bool = False):
+                 gpu_hourly_usd: float = 0.0, capture_output: bool = False, files: dict[str, str] | None = None):
         self.stages = stages
+        self.files = files or {}                  # written into run_dir once the run holds its lock
         self.capture_output = capture_output      # stage stdout/stderr (progress bars, warnings) -> log.txt only
         self._stdout, self._stderr = sys.stdout, sys.stderr
         self.run_dir = Path(run_dir)
@@ -496,6 +497,8 @@ class Engine:
             if not resume and self.existing_records():
                 raise CogumiError(f"{self.run_dir} already holds a run (stages: {', '.join(self.existing_records())}); "
                                   "pass --resume to continue it, or choose another --run-dir")
+            for name, text in self.files.items():
+                atomic_write_text(self.run_dir / name, text)
             self.write_summary("running")
             for stage in self.stages:
                 if not stage.enabled:
@@ -1108,11 +1111,11 @@ def run_pipeline(plan: Plan | str | Path, *, resume: bool = False, overrides: li
         raise ConfigError("overrides apply to a plan file; pass the path, not a Plan")
     rd = Path(run_dir) if run_dir else default_run_dir(plan)
     rd.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(rd / "plan.resolved.yaml", yaml.safe_dump(plan.to_dict(), sort_keys=False))
     meta = {"plan": plan.source, "name": plan.name or Path(plan.source).stem, "description": plan.description,
             "gpu_hourly_usd": plan.cost.gpu_hourly_usd}
     engine = Engine(build_stages(plan), rd, meta=meta, log=log, gpu_hourly_usd=plan.cost.gpu_hourly_usd,
-                    capture_output=capture_output)
+                    capture_output=capture_output,
+                    files={"plan.resolved.yaml": yaml.safe_dump(plan.to_dict(), sort_keys=False)})
     return engine.run(resume=resume)
 
 
