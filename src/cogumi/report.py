@@ -215,7 +215,6 @@ def plot_outcomes(run: Run, phases: list[tuple[str, str, dict]]) -> bytes | None
                 lo, hi, rule = bands[metric]
                 ax.add_patch(_plt().Rectangle((m_i - 0.45, lo), 0.9, hi - lo, color="#f2c94c", alpha=0.35, lw=0,
                                               zorder=0))
-                ax.text(m_i, hi + 0.015, "expected", ha="center", va="bottom", fontsize=7, color="#9a7b10")
         for p_i, (phase, label, summary) in enumerate(phases):
             c = pooled_counts(summary, group)
             xs, ys, err_lo, err_hi = [], [], [], []
