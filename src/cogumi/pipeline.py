@@ -1086,7 +1086,7 @@ def build_stages(plan: Plan) -> list[Stage]:
                   "stop_on_fail": plan.gate.stop_on_fail, "stop_on_regression": plan.phase1b.stop_on_regression},
           needs=("validate-1b", "compare-1a-1b"), enabled=p1b, disabled_reason=no1b),
         S(18, "incident", "the 4-bit incident, reproduced on the tiny model", stage_incident(),
-          config={"version": 1}, enabled=plan.incident, disabled_reason="incident is false (the demo turns it on)"),
+          config={"version": 1}, keep_on_restart=("work",), enabled=plan.incident, disabled_reason="incident is false (the demo turns it on)"),
     ]
 
 
