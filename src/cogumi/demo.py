@@ -260,7 +260,7 @@ def _console(line: str) -> None:
     text = str(line)
     stage_line = re.match(r"\[\d\d-", text) is not None
     verdict = text.startswith("gate ") and text.rstrip().endswith(("PASS", "FAIL")) or text.startswith("error")
-    if stage_line or verdict or text.startswith("incident:") or "RED FLAG" in text and "incident" not in text:
+    if stage_line or verdict or text.startswith("incident:") or "RED FLAG" in text and not text.startswith(("|", "[RED")):
         print(text, flush=True)
 
 
