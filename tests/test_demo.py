@@ -20,8 +20,10 @@ import pytest
 
 from cogumi.io import read_jsonl
 
+# One OpenMP thread per subprocess: the tiny model gains nothing from more, and when the suite's workers share
+# the cores, spinning threads slow everything down several times.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-       "PYTHONUNBUFFERED": "1"}
+       "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def cogumi(*args, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -309,8 +309,13 @@ def demo_command(*, out: str | Path = "demo-run", overwrite: bool = False, resum
     build_demo_data(out / "data")
     plan = write_plan(out)
     print(f"cogumi demo: running {plan} (the pipeline the seed plan runs; logs in {out}/stages/*/log.txt)", flush=True)
+    import torch
+
     from cogumi.pipeline import run_pipeline
-    from cogumi.report import write_report
+    # One intra-op thread: the tiny model's matrices are too small to gain from two, and on a machine whose
+    # cores are busy with anything else, two spinning OpenMP threads made the same run 3x slower (measured:
+    # 15 s vs 47 s for the test-sized plan under load; equal when idle).
+    torch.set_num_threads(1)
     try:
         summary = run_pipeline(plan, resume=resume, run_dir=out, log=_console, capture_output=True)
     except CogumiError:
