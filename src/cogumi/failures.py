@@ -30,6 +30,7 @@ from pathlib import Path
 
 from cogumi.errors import DataError
 from cogumi.io import atomic_write_json, atomic_write_jsonl, read_jsonl
+from cogumi.evaluation.commands import results_file
 
 # Tasks whose ids are global across splits (MBPP numbers all 974 problems; HumanEval has one split).
 # GSM8K ids are 0-based row indices of one data file, so "12" in train and "12" in test are different
@@ -50,16 +51,6 @@ class GateItem:
 # ---------------------------------------------------------------------------------------------
 # reading results and exclusion sets
 # ---------------------------------------------------------------------------------------------
-
-def results_path(path: str | Path) -> Path:
-    """``results.jsonl`` itself, or an eval run dir containing it."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "results.jsonl"
-    if not p.exists():
-        raise DataError(f"{path}: no results here (expected an eval run dir with results.jsonl, or the file itself)")
-    return p
-
 
 def _data_identities(results_file: Path) -> dict[str, str]:
     """task -> identity of the data file an eval run used (from its summary.json), when recorded."""
@@ -89,7 +80,7 @@ def _check_result_row(row: dict, path: Path, lineno: int) -> None:
 
 
 def read_results(path: str | Path) -> tuple[Path, list[dict]]:
-    p = results_path(path)
+    p = results_file(path)
     rows = read_jsonl(p)
     for i, row in enumerate(rows, start=1):
         _check_result_row(row, p, i)

@@ -99,13 +99,7 @@ def read_model_config(id_or_path: str, revision: str | None = None) -> dict:
         except Exception as e:
             raise CogumiError(f"{id_or_path}: not a local directory, and its config.json could not be fetched "
                               f"from the hub ({type(e).__name__}: {e}). Check the id or pass a local path.") from None
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CogumiError(f"{cfg_path}: config.json is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CogumiError(f"{cfg_path}: config.json must be a JSON object")
-    return cfg
+    return read_json_file(cfg_path, "config.json")
 
 
 def config_dtype(cfg: dict) -> str | None:
