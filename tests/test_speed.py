@@ -34,6 +34,13 @@ def test_big_gpu_defaults(monkeypatch):
     kw = speed.trainer_speed_kwargs(s, TrainingConfig())
     assert kw["packing"] and kw["packing_strategy"] == "bfd" and kw["bf16"] and not kw["gradient_checkpointing"]
     assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (2, 16)
+    assert s.lora_fused_add and s.sync_free_metrics and s.async_copies and s.fixed_shapes
+    assert kw["pad_to_multiple_of"] == 2 * TrainingConfig().max_length
+    assert kw["dataloader_pin_memory"] and kw["accelerator_config"] == {"non_blocking": True}
+    from trl import SFTConfig
+    args = SFTConfig(output_dir="unused", report_to=[], bf16=False, use_cpu=True,
+                     **{k: v for k, v in kw.items() if k not in ("bf16", "tf32", "optim")})
+    assert args.accelerator_config.non_blocking
 
 
 def test_smaller_gpu_recomputes_and_missing_liger_degrades(monkeypatch):
@@ -41,7 +48,7 @@ def test_smaller_gpu_recomputes_and_missing_liger_degrades(monkeypatch):
     assert s.gradient_checkpointing and s.micro_batch_tokens == speed.MICRO_BATCH_TOKENS_CKPT
     assert not s.use_liger and any("liger" in n for n in s.notes)
     assert speed.apply_model_speedups(torch.nn.Linear(2, 2), s.__class__(**{**s.to_dict(),
-                                                                           "lora_autocast_inputs": False})) == []
+                                                                           "lora_autocast_inputs": False, "lora_fused_add": False})) == []
     kw = speed.trainer_speed_kwargs(s, TrainingConfig())
     assert kw["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
@@ -157,3 +164,64 @@ def test_lora_inputs_skip_fp32_copy_only_under_autocast():
     assert torch.equal(a, b)
     # outside autocast PEFT's own fp32 cast still applies (no dtype error, same result)
     assert torch.equal(fast(input_ids=x).logits, plain(input_ids=x).logits)
+
+
+def _lora_pair(dropout: float, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    fast = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    plain.load_state_dict(fast.state_dict())
+    speed.install_lora_patches(fast, autocast_inputs=False, fused_add=True)
+    lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(1)
+    fast = get_peft_model(fast, lcfg)
+    torch.manual_seed(1)
+    plain = get_peft_model(plain, lcfg)
+    return fast, plain
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_lora_add_equals_peft_forward_and_backward(batch):
+    """Same loss and same LoRA gradients as PEFT's forward, with dropout on (same RNG draws)."""
+    fast, plain = _lora_pair(dropout=0.3)
+    x = torch.randint(0, 200, (batch, 12))
+    losses, grads = [], []
+    for m in (fast, plain):
+        m.train()
+        torch.manual_seed(5)
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
+    assert sum(getattr(m, "_cogumi_fused_add", False) for m in fast.modules()) == 14
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n
+
+
+def test_fused_lora_add_falls_back_to_peft_when_disabled_or_merged():
+    fast, plain = _lora_pair(dropout=0.0)
+    fast.eval(), plain.eval()
+    x = torch.randint(0, 200, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(fast(input_ids=x).logits, plain(input_ids=x).logits, atol=1e-5)
+        with fast.disable_adapter(), plain.disable_adapter():
+            assert torch.equal(fast(input_ids=x).logits, plain(input_ids=x).logits)
+        ref = plain(input_ids=x).logits
+        fast.merge_adapter()
+        assert torch.allclose(fast(input_ids=x).logits, ref, atol=1e-5)
+
+
+def test_add_scaled_product_never_modifies_a_view_in_place():
+    base = torch.randn(4, 6)
+    view = base[:, :3]
+    out = speed.add_scaled_product_(view, torch.ones(4, 2), torch.ones(2, 3), 0.5)
+    assert torch.equal(out, view + 1.0) and out.data_ptr() != view.data_ptr()
+    r = torch.zeros(2, 4, 3)
+    assert speed.add_scaled_product_(r, torch.ones(2, 4, 2), torch.ones(2, 3), 2.0) is r and torch.all(r == 4.0)

@@ -360,3 +360,36 @@ def test_cli_turns_enospc_into_one_error_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error: disk full while writing /full/run/train_log.jsonl")
     assert "Traceback" not in err
+
+
+def test_fixed_shape_packing_pads_every_micro_batch_and_keeps_the_loss(tmp_path, tiny_base, train_file):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cogumi.config import load_run_config
+    from cogumi.data import prepare_dataset
+    from cogumi.speed import model_load_kwargs, resolve_speed_settings
+    from cogumi.train import build_trainer
+
+    cfg = load_run_config(CONFIG, [f"base_model={tiny_base}", f"data.train={train_file}",
+                                   f"output_dir={tmp_path / 'out'}", "training.packing=on", "training.max_length=128"])
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    data = prepare_dataset(cfg, tok)
+    batches, losses = {}, {}
+    for fixed in (False, True):
+        speed = resolve_speed_settings(cfg.training)
+        speed.fixed_shapes, speed.micro_batch_tokens = fixed, 256
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, **model_load_kwargs(speed))
+        trainer = build_trainer(cfg, model=model, tokenizer=tok, train_dataset=data.train_dataset, speed=speed,
+                                callbacks=[])
+        batch = next(iter(trainer.get_train_dataloader()))
+        batches[fixed] = batch
+        with torch.no_grad():
+            losses[fixed] = trainer.compute_loss(trainer.model.eval(), dict(batch))
+    assert batches[True]["input_ids"].shape == (1, 256)                  # 2 packs of <= 128, padded to 256
+    assert batches[False]["input_ids"].shape[1] < 256                   # the same packs, unpadded
+    n = batches[False]["input_ids"].shape[1]
+    assert torch.equal(batches[True]["input_ids"][:, :n], batches[False]["input_ids"])
+    assert (batches[True]["labels"][:, n:] == -100).all()
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)

@@ -5,12 +5,14 @@ Features
   * ``resolve_speed_settings(training, device)`` turns the config's auto/on/off knobs into concrete
     settings. On a CUDA GPU the defaults are: bf16; packing (TRL best-fit-decreasing packs of
     ``max_length``) read through variable-length attention, so packed rows never attend to each other;
-    no activation checkpointing on cards with >= 70 GiB (a micro-batch of ``micro_batch_tokens`` tokens
-    fits an 8B base without recomputation); Liger's RMSNorm/SwiGLU/RoPE kernels when installed; LoRA
-    inputs without PEFT's fp32 round trip under autocast; fused AdamW. On a CPU: fp32, no packing, plain
-    SDPA, the config as written. Measured on one H100 (docs/benchmarks.md): 1,170 -> 11,185 real
-    tokens/s (user's recipe -> these defaults); dense-mask SDPA packing 5,785, varlen without Liger 8,450,
-    + Liger 9,943, + LoRA autocast inputs 11,342 (short-accumulation ablations).
+    every micro-batch padded to one fixed token count; no activation checkpointing on cards with >= 70 GiB
+    (a micro-batch of ``micro_batch_tokens`` tokens fits an 8B base without recomputation); Liger's
+    RMSNorm/SwiGLU/RoPE kernels when installed; LoRA inputs without PEFT's fp32 round trip under autocast;
+    the LoRA product added into the base output inside one GEMM; metrics read at log time (cogumi.sft);
+    pinned non-blocking batch copies; fused AdamW. On a CPU: fp32, no packing, plain SDPA, the config as
+    written. Measured on one H100 (docs/benchmarks.md, baseline in the same run): user's recipe 1,127 ->
+    these defaults 11,626 real tokens/s (10.3x); the previous session's steps: dense-mask SDPA packing
+    5,785, varlen without Liger 8,450, + Liger 9,943, + LoRA autocast inputs 11,342.
   * ``model_load_kwargs(settings)``: ``from_pretrained`` keyword arguments (dtype, attention). Registers
     the ``cogumi_varlen`` attention with transformers when it is chosen.
   * ``apply_model_speedups(model, settings)``: Liger kernels on a loaded model (before PEFT wrapping).
@@ -65,6 +67,10 @@ class SpeedSettings:
     tf32: bool
     micro_batch_tokens: int | None = None   # with packing: tokens per micro-batch (packs = this // max_length)
     lora_autocast_inputs: bool = False      # under bf16/fp16 autocast, feed LoRA its input without an fp32 copy
+    lora_fused_add: bool = False            # add scale * B(A(x)) into the base output inside one GEMM
+    sync_free_metrics: bool = True          # per-micro-batch metrics read at log time, not with .item() (cogumi.sft)
+    async_copies: bool = False              # batches copied to the GPU from pinned memory without a host sync
+    fixed_shapes: bool = False              # with packing: every micro-batch padded to the same token count
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -129,6 +135,7 @@ def resolve_speed_settings(training, device: str | None = None) -> SpeedSettings
         use_liger=use_liger, optim=optim, attn_implementation=attn,
         torch_compile=bool(training.torch_compile), tf32=gpu, micro_batch_tokens=micro, notes=notes,
         lora_autocast_inputs=gpu and dtype in ("bfloat16", "float16"),
+        lora_fused_add=gpu, async_copies=gpu, fixed_shapes=gpu and packing,
     )
 
 
@@ -162,6 +169,16 @@ def trainer_speed_kwargs(settings: SpeedSettings, training) -> dict:
         "packing": settings.packing,
         "dataloader_pin_memory": settings.device == "cuda",
     }
+    if settings.packing and settings.fixed_shapes:
+        # one token count for every micro-batch (its packs fill ~99.8% of it): every GEMM, kernel and
+        # allocation has one shape for the whole run, instead of new shapes (new cuBLAS heuristics,
+        # new allocator blocks) in every micro-batch. Padding tokens are sequences of their own, unlabeled.
+        kw["pad_to_multiple_of"] = per_device * training.max_length
+    if settings.async_copies:
+        # a blocking host-to-device copy waits for the GPU's whole queue: once per tensor of every
+        # micro-batch, so each micro-batch would start on an idle GPU behind Python's kernel launches
+        kw["dataloader_pin_memory"] = True
+        kw["accelerator_config"] = {"non_blocking": True}
     if settings.packing:
         # best-fit decreasing: whole rows into packs, no row split across packs; TRL then feeds the
         # packs padding-free (one row + cu_seq_lens), which cogumi_varlen attention reads.
@@ -198,24 +215,32 @@ def apply_model_speedups(model, settings: SpeedSettings) -> list[str]:
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
         applied += ["liger:rope", "liger:rms_norm", "liger:swiglu"]
-    if settings.lora_autocast_inputs and has_module("peft"):
-        install_lora_autocast_inputs(model)
-        applied.append("lora:autocast-inputs")
+    if (settings.lora_autocast_inputs or settings.lora_fused_add) and has_module("peft"):
+        install_lora_patches(model, autocast_inputs=settings.lora_autocast_inputs, fused_add=settings.lora_fused_add)
+        applied += ["lora:autocast-inputs"] * settings.lora_autocast_inputs + ["lora:fused-add"] * settings.lora_fused_add
     return applied
 
 
-def install_lora_autocast_inputs(model) -> None:
+def install_lora_patches(model, *, autocast_inputs: bool = True, fused_add: bool = False) -> None:
     """Patch the LoRA layers PEFT will inject into ``model``: at its decoder's first forward (PEFT wraps
-    the model after this call, before training starts) every LoRA layer found skips the fp32 input copy
-    while autocast is enabled. Outside autocast PEFT's own casting is kept."""
+    the model after this call, before training starts) every LoRA layer found gets the chosen patches
+    (``skip_lora_input_casts``, ``fuse_lora_add``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     state: dict = {}
 
     def hook(module, args, kwargs):
-        if skip_lora_input_casts(module):
+        found = skip_lora_input_casts(module) if autocast_inputs else 0
+        if fused_add:
+            found = max(found, fuse_lora_add(module))
+        if found:
             state["handle"].remove()
 
     state["handle"] = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def install_lora_autocast_inputs(model) -> None:
+    """``install_lora_patches`` with the input-cast patch only."""
+    install_lora_patches(model, autocast_inputs=True, fused_add=False)
 
 
 def skip_lora_input_casts(root) -> int:
@@ -239,6 +264,58 @@ def skip_lora_input_casts(root) -> int:
         module._cogumi_autocast_inputs = True
         patched += 1
     return patched
+
+
+def fuse_lora_add(root) -> int:
+    """Give every plain LoRA Linear under ``root`` a forward that adds ``scale * B(A(dropout(x)))`` into the
+    base layer's output inside one GEMM (``addmm_`` with alpha = scale). Returns how many were patched.
+
+    PEFT computes ``result + lora_B(h) * scaling``: the full-size B output is written, read and rewritten
+    by the multiply, then read again with ``result`` by the add -- and in backward the multiply costs one
+    more full-size pass. For gate/up (14,336 wide) that is most of LoRA's memory traffic. Same function,
+    same dropout draws (same RNG calls in the same order); the sum is accumulated in fp32 inside the GEMM,
+    so in bf16 it is at least as exact as PEFT's. Anything else -- several active adapters, DoRA or
+    another variant, a LoRA bias, a non-Linear base (4-bit), a merged or disabled adapter, extra
+    arguments -- goes to PEFT's own forward. Written here because PEFT has no fused LoRA-add path."""
+    import torch
+    from peft.tuners.lora import Linear as LoraLinear
+
+    patched = 0
+    for module in root.modules():
+        if not isinstance(module, LoraLinear) or getattr(module, "_cogumi_fused_add", False):
+            continue
+        original = module.forward
+
+        def forward(x, *args, _m=module, _original=original, **kwargs):
+            active = _m.active_adapters
+            name = active[0] if len(active) == 1 else None
+            if (args or kwargs or name is None or _m.disable_adapters or _m.merged or name not in _m.lora_A
+                    or name in getattr(_m, "lora_variant", {}) or type(_m.base_layer) is not torch.nn.Linear
+                    or _m.lora_B[name].bias is not None):
+                return _original(x, *args, **kwargs)
+            result = _m.base_layer(x)
+            lora_a = _m.lora_A[name]
+            h = lora_a(_m.lora_dropout[name](_m._cast_input_dtype(x, lora_a.weight.dtype)))
+            return add_scaled_product_(result, h.to(result.dtype), _m.lora_B[name].weight.t().to(result.dtype),
+                                       _m.scaling[name])
+
+        module.forward = forward
+        module._cogumi_fused_add = True
+        patched += 1
+    return patched
+
+
+def add_scaled_product_(result, h, b, scale: float):
+    """``result + scale * (h @ b)``, in place in one GEMM where autograd allows it cheaply.
+
+    In place only on a tensor that is not an autograd view (an in-place op on a view makes autograd
+    rebuild the base's gradient with extra full-size copies); a Linear's 2-D/3-D output is not one.
+    3-D: ``baddbmm_`` with ``b`` broadcast over the batch (a stride-0 expand, no copy)."""
+    if result._is_view() or not result.is_contiguous() or result.dim() not in (2, 3):
+        return result + (h @ b) * scale
+    if result.dim() == 2:
+        return result.addmm_(h, b, alpha=scale)
+    return result.baddbmm_(h, b.expand(result.shape[0], *b.shape), alpha=scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -333,8 +333,7 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
     ``model`` is the plain base (PEFT wraps it here); ``train_dataset`` holds ``input_ids`` and
     ``completion_mask`` (``cogumi.data``). Monitoring callbacks are added unless ``callbacks`` is given.
     """
-    from trl import SFTTrainer
-
+    from cogumi.sft import trainer_class
     from cogumi.speed import apply_model_speedups
 
     out = Path(cfg.output_dir)
@@ -354,8 +353,9 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
         args.dataset_num_proc = min(8, os.cpu_count() or 1)
     if callbacks is None:
         callbacks = make_callbacks(cfg, out, log, prior_wall_s=prior_wall_s)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
+    trainer = trainer_class(speed.sync_free_metrics)(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=callbacks)
     for cb in callbacks:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
