@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_visit.sh full     # env check, packing parity, train A/B, generation, merge
 #   bash benchmarks/gpu_visit.sh probe    # env check, parity, B ablations, generation (chooses defaults)
 #   bash benchmarks/gpu_visit.sh smoke    # the same parts on the tiny model on CPU (rehearsal, CI)
+#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity, B without its newest speed-ups, profile
+#   bash benchmarks/gpu_visit.sh merge    # env check, the 8B merge benchmark (copy, cogumi, PEFT)
 #
 # Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
 # so one failing or slow part never stops the rest. Logs and JSON go to $OUT (default /tmp/cogumi-gpu-out);
@@ -111,7 +113,17 @@ case "$MODE" in
     part agreement 70 $PY benchmarks/generate_throughput.py --shape small --dtype float32 --prompts 8 \
       --loop-prompts 8 --new-tokens 48 --batch-size 8 --out "$OUT/agreement.json"
     ;;
-  *) echo "usage: $0 full|probe|smoke"; exit 2 ;;
+  train)
+    part env 60 $PY "$ENV_CHECK"
+    part train 500 $PY benchmarks/train_throughput.py \
+      --ablate "speed.fixed_shapes=false" \
+      --profile "$OUT/profile_B.txt" --out "$OUT/train.json"
+    ;;
+  merge)
+    part env 60 $PY "$ENV_CHECK"
+    part merge 500 $PY benchmarks/merge.py --shape 8b --out "$OUT/merge.json"
+    ;;
+  *) echo "usage: $0 full|probe|smoke|train|merge"; exit 2 ;;
 esac
 
 echo

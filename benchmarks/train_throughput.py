@@ -107,7 +107,22 @@ class Meter:
         self.device, self.tokens, self.steps = device, 0, []
         self._t = self._tok0 = 0
 
+    def count_collated(self, collator):
+        """Wrap a collator: real (unpadded) tokens of every batch it builds, on the CPU, in order. The
+        forward hook takes them in the same order (one forward per micro-batch), so padding added for
+        fixed shapes is never counted and no device value is read."""
+        import collections
+        self.fifo = collections.deque()
+
+        def collate(examples):
+            self.fifo.append(sum(len(e["input_ids"]) for e in examples))
+            return collator(examples)
+        return collate
+
     def hook(self, module, args, kwargs):
+        if getattr(self, "fifo", None):
+            self.tokens += self.fifo.popleft()
+            return
         mask = kwargs.get("attention_mask")
         ids = kwargs.get("input_ids")
         if mask is not None:
@@ -134,8 +149,8 @@ class Meter:
                 meter.steps.append((time.perf_counter() - meter._t, meter.tokens - meter._tok0))
         return StepTimer()
 
-    def summary(self, warmup: int) -> dict:
-        measured = self.steps[warmup:] or self.steps
+    def summary(self, warmup: int, drop_last: bool = False) -> dict:
+        measured = self.steps[warmup:len(self.steps) - drop_last] or self.steps
         dt = sum(t for t, _ in measured)
         tok = sum(n for _, n in measured)
         return {"steps_total": len(self.steps), "steps_measured": len(measured),
@@ -278,13 +293,17 @@ def prepare_b_model(model, speed):
     model.set_attn_implementation(kw["attn_implementation"])
     # build_trainer applies the rest (Liger kernels, LoRA autocast inputs) itself, as `cogumi train` does
     return (["attn:" + kw["attn_implementation"]] + (["liger:rope,rms_norm,swiglu"] if speed.use_liger else [])
-            + (["lora:autocast-inputs"] if speed.lora_autocast_inputs else []))
+            + (["lora:autocast-inputs"] if speed.lora_autocast_inputs else [])
+            + (["lora:fused-add"] if speed.lora_fused_add else []))
 
 
 def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, overrides: list[str] | None = None,
                  speed_overrides: dict | None = None, name: str = "B") -> tuple[dict, object]:
     from cogumi.speed import batch_plan, resolve_speed_settings
     cfg = make_run_config(args, smoke, overrides)
+    profile = bool(getattr(args, "profile", None)) and name == "B"
+    if profile:
+        cfg.training.max_steps += 1        # one more step, profiled, left out of the timing
     speed = resolve_speed_settings(cfg.training, device)
     for key, value in (speed_overrides or {}).items():
         if not hasattr(speed, key):
@@ -296,17 +315,82 @@ def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, over
     meter = Meter(device)
     handle = trainer.model.register_forward_pre_hook(meter.hook, with_kwargs=True)
     trainer.add_callback(meter.callback())
+    trainer.data_collator = meter.count_collated(trainer.data_collator)
+    if profile:
+        trainer.add_callback(profile_last_step(cfg.training.max_steps, device, args.profile))
     reset_peak(device)
     trainer.train()
     per_device, accum = batch_plan(speed, cfg.training)
     result = {"variant": name, "built_by": built_by, "speed": speed.to_dict(), "applied": applied, "per_device_batch": per_device,
-              "grad_accum": accum, "overrides": (overrides or []) + [f"speed.{k}={v}" for k, v in (speed_overrides or {}).items()], **meter.summary(args.warmup),
+              "grad_accum": accum, "overrides": (overrides or []) + [f"speed.{k}={v}" for k, v in (speed_overrides or {}).items()],
+              **meter.summary(args.warmup, drop_last=profile),
               "peak_gib": peak_gib(device),
               "logged": [{k: v for k, v in h.items() if k in ("step", "loss", "gpu_mem_allocated_gb",
                                                                 "gpu_mem_reserved_gb", "gpu_utilization")}
                          for h in trainer.state.log_history if "loss" in h]}
     handle.remove()
     return result, trainer
+
+
+def device_busy(prof) -> dict:
+    """How much of the profiled span the GPU was running a kernel (union of kernel intervals)."""
+    from torch.autograd import DeviceType
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return {"kernels": 0}
+    busy, (cur_s, cur_e) = 0.0, spans[0]
+    gaps = []
+    for s, e in spans[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s - cur_e)
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = spans[-1][1] - spans[0][0]
+    gaps.sort(reverse=True)
+    return {"kernels": len(spans), "span_ms": round(span / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
+            "busy_fraction": round(busy / span, 4), "gaps_over_1ms": sum(g > 1e3 for g in gaps),
+            "idle_in_gaps_over_1ms_ms": round(sum(g for g in gaps if g > 1e3) / 1e3, 1),
+            "largest_gaps_ms": [round(g / 1e3, 2) for g in gaps[:8]]}
+
+
+def profile_last_step(total_steps: int, device: str, out_path: str):
+    """A callback that runs torch.profiler over the last optimizer step and writes the kernel table
+    (device time per op, top 40) to ``out_path``: where B's time goes, for the next speed-up."""
+    import torch
+    from transformers import TrainerCallback
+
+    class LastStepProfiler(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == total_steps - 1:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if device == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is None:
+                return
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            avg = self.prof.key_averages()
+            sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+            table = avg.table(sort_by=sort, row_limit=40, max_name_column_width=70)
+            cpu_table = avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+            busy = device_busy(self.prof)
+            Path(out_path).write_text(f"{json.dumps(busy)}\n\n{table}\n\nby CPU time:\n{cpu_table}")
+            log(f"profile of the last step: device busy {json.dumps(busy)}")
+            log("top kernels:\n" + "\n".join(table.splitlines()[:24]))
+            log("top CPU ops:\n" + "\n".join(cpu_table.splitlines()[:16]))
+            self.prof = None
+    return LastStepProfiler()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +449,7 @@ def packing_parity(trainer, device: str, tolerance: float, max_rows: int = 8) ->
     batch = trainer.data_collator([example])
     batch = {k: (v.to(model.device) if hasattr(v, "to") else v) for k, v in batch.items()}
     cu = batch["cu_seq_lens_q"].tolist()
-    segments = list(zip(cu[:-1], cu[1:]))[:max_rows]
+    segments = [(s, e) for s, e in zip(cu[:-1], cu[1:]) if e - s > 1][:max_rows]   # 1-token segments: padding
 
     def row_losses(lp, mask, spans, offset_by_start=True):
         out = []
@@ -430,6 +514,7 @@ def main(argv=None) -> int:
                         "transformers globally: list variants without it first)")
     p.add_argument("--parity-only", action="store_true", help="build B, check packing parity, no timing")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--profile", default=None, help="profile B's last step; write the kernel table to this file")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
 
