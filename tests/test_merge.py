@@ -361,3 +361,27 @@ def test_cli_merge_and_benchmark_smoke(tmp_path):
     assert res["checks"]["cogumi_vs_peft-cpu"]["max_abs_diff"] == 0.0
     assert res["checks"]["cogumi_vs_base"]["fraction_differing"] > 0.5
     assert "| cogumi |" in proc.stdout
+
+
+def test_an_fsync_failure_fails_the_merge_and_leaves_nothing(bf16_merge, tmp_path, monkeypatch):
+    """Shards are fsynced on a background thread; its error (ENOSPC surfacing at fsync) must still fail
+    the merge, with nothing at --out and no temporary beside it."""
+    import errno
+    import os
+
+    import cogumi.merge as merge_mod
+    adapter, _, _ = bf16_merge
+
+    real_close = merge_mod.SafetensorsStreamWriter.close
+
+    def close(self):
+        real_close(self)
+        if self.path.name.startswith("model-00002"):
+            raise OSError(errno.ENOSPC, "No space left on device")   # as fsync reports it
+
+    monkeypatch.setattr(merge_mod.SafetensorsStreamWriter, "close", close)
+    out = tmp_path / "merged"
+    with pytest.raises(OSError) as err:
+        merge_mod.merge_adapter(adapter, out, max_shard_bytes=100_000, fidelity=False, log=lambda *_: None)
+    assert err.value.errno == errno.ENOSPC
+    assert not out.exists() and os.listdir(tmp_path) == []

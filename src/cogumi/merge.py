@@ -45,6 +45,7 @@ import signal
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -754,6 +755,19 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
         if kill_after and si + 1 >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    # Each finished shard is fsynced and closed on its own thread: the disk's write-back of one shard then
+    # overlaps reading and merging the next, as a plain copy's does (fsync in the writer stalled the whole
+    # pipeline once per shard). Every fsync has returned before this function does, so the output is
+    # renamed into place only when it is on disk.
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="cogumi-merge-fsync")
+    synced: list = []
+
+    def finish_shard(si: int, out) -> None:
+        def sync_close():
+            out.close()
+            after_shard(si)
+        synced.append(syncer.submit(sync_close))
+
     def writer():
         current, out, finished = -1, None, False
         try:
@@ -769,8 +783,7 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
                 si, t, kind, payload, held = item
                 if si != current:
                     if out is not None:
-                        out.close()
-                        after_shard(current)
+                        finish_shard(current, out)
                     current, out = si, SafetensorsStreamWriter(out_dir / shards[si].file, shards[si].tensors)
                 if kind == "raw":
                     out.write_bytes(t.name, payload)
@@ -779,8 +792,8 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
                 del payload, item
                 budget.release(held)
             if out is not None:
-                out.close()
-                after_shard(current)
+                finish_shard(current, out)
+                out = None
             if current < len(shards) - 1 and not errors:   # shards with no bytes at all
                 for si in range(current + 1, len(shards)):
                     SafetensorsStreamWriter(out_dir / shards[si].file, shards[si].tensors).close()
@@ -824,10 +837,14 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
         write_q.put(None)
         for th in threads:
             th.join(timeout=5)
+        syncer.shutdown(wait=True)
         raise
     write_q.put(None)
     for th in threads:
         th.join()
+    syncer.shutdown(wait=True)
+    for f in synced:
+        f.result()                      # an fsync's error (ENOSPC, EIO) fails the merge
     if errors:
         raise errors[0]
     return {"lora_modules_merged": merged, "tensors": sum(len(s.tensors) for s in shards),
@@ -959,7 +976,6 @@ class LayerwiseModel:
     def hidden(self, streams: list[Stream], rows: list[list[int]]):
         """Final-norm hidden states of every row, per stream: {stream name: (tokens, hidden) fp32}."""
         import torch
-        from concurrent.futures import ThreadPoolExecutor
         groups: dict[int, list[Stream]] = {}
         for s in streams:
             groups.setdefault(id(s.weights), []).append(s)
