@@ -69,6 +69,26 @@ if torch.cuda.is_available():
         info["utilization_readable"] = torch.cuda.utilization()
     except Exception as e:
         info["utilization_readable"] = f"no ({type(e).__name__})"
+    # which NVML device is this card? (torch maps by index; cogumi by UUID)
+    import os
+    info["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    info["cuda_uuid"] = str(torch.cuda.get_device_properties(0).uuid)
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        info["nvml_devices"] = [str(pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)))
+                                for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception as e:
+        info["nvml_devices"] = f"no ({type(e).__name__})"
+    from cogumi.speed import gpu_utilization
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    import time
+    t_end = time.time() + 1.5
+    while time.time() < t_end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+    info["utilization_under_load"] = {"torch_by_index": torch.cuda.utilization(), "cogumi_by_uuid": gpu_utilization()}
 try:
     from torch.nn.attention.varlen import varlen_attn
     info["varlen_attn"] = str(inspect.signature(varlen_attn))

@@ -225,3 +225,37 @@ def test_add_scaled_product_never_modifies_a_view_in_place():
     assert torch.equal(out, view + 1.0) and out.data_ptr() != view.data_ptr()
     r = torch.zeros(2, 4, 3)
     assert speed.add_scaled_product_(r, torch.ones(2, 4, 2), torch.ones(2, 3), 2.0) is r and torch.all(r == 4.0)
+
+
+def test_gpu_utilization_reads_the_nvml_device_with_this_device_s_uuid(monkeypatch):
+    """NVML index 0 is another (idle) card; the card CUDA calls 0 is NVML's index 1: match by UUID."""
+    import sys
+    import types
+
+    class Rates:
+        def __init__(self, gpu):
+            self.gpu = gpu
+
+    cards = [("GPU-aaaa-0000", 0), ("GPU-bbbb-1111", 93)]
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: len(cards),
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: cards[h][0].encode(),
+        nvmlDeviceGetUtilizationRates=lambda h: Rates(cards[h][1]))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(speed, "_NVML_HANDLES", {})
+    uuid = {"value": "bbbb-1111"}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid=uuid["value"]))
+    assert speed.gpu_utilization() == 93.0
+    monkeypatch.setattr(speed, "_NVML_HANDLES", {})
+    uuid["value"] = "cccc-2222"                       # no NVML device is this card: nothing, not card 0's 0%
+    assert speed.gpu_utilization() is None
+    monkeypatch.delitem(sys.modules, "pynvml")
+    monkeypatch.setattr(speed, "_NVML_HANDLES", {})
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__",
+                        lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "pynvml"
+                        else real_import(name, *a, **k))
+    assert speed.gpu_utilization() is None            # without pynvml: None, no exception

@@ -102,6 +102,38 @@ def gpu_memory_gib() -> float | None:
     return None
 
 
+_NVML_HANDLES: dict = {}
+
+
+def gpu_utilization(device_index: int | None = None) -> float | None:
+    """NVML's utilisation (percent of the last sample period with a kernel running) of the CUDA device this
+    process uses, or None when it cannot be read.
+
+    The NVML device is found by UUID, not by index: NVML counts devices in PCI order and sees every card of
+    the host, while CUDA's index follows CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER, so index matching (what
+    ``torch.cuda.utilization`` does) can report a neighbouring, idle card. No match: None, never another
+    card's number."""
+    try:
+        import pynvml
+        import torch
+        idx = torch.cuda.current_device() if device_index is None else device_index
+        if idx not in _NVML_HANDLES:
+            pynvml.nvmlInit()
+            want = str(torch.cuda.get_device_properties(idx).uuid).lower()
+            _NVML_HANDLES[idx] = None
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                uuid = pynvml.nvmlDeviceGetUUID(handle)
+                uuid = (uuid.decode() if isinstance(uuid, bytes) else str(uuid)).lower()
+                if uuid.split("-", 1)[-1] == want or uuid == want:
+                    _NVML_HANDLES[idx] = handle
+                    break
+        handle = _NVML_HANDLES[idx]
+        return None if handle is None else float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+    except Exception:          # no pynvml, no driver, an NVML error: monitoring must not stop training
+        return None
+
+
 def _choice(value: str, default: bool) -> bool:
     return default if value == "auto" else value == "on"
 

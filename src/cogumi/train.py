@@ -197,10 +197,10 @@ def make_callbacks(cfg: RunConfig, out: Path, log: Callable[[str], Any], *, prio
                 return
             logs["gpu_mem_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
             logs["gpu_mem_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 3)
-            try:
-                logs["gpu_utilization"] = float(torch.cuda.utilization())   # needs pynvml; optional
-            except Exception:
-                pass
+            from cogumi.speed import gpu_utilization
+            util = gpu_utilization()               # needs pynvml (the gpu extra); optional
+            if util is not None:
+                logs["gpu_utilization"] = util
 
     class FaultInjection(TrainerCallback):
         """Deterministic faults for tests: SIGKILL at a step, or NaN weights before a step."""
