@@ -136,7 +136,7 @@ case "$MODE" in
   train)
     part env 60 $PY "$ENV_CHECK"
     part train 500 $PY benchmarks/train_throughput.py \
-      --ablate "speed.fixed_shapes=false" \
+      --ablate "torch_compile=true" --ablate "torch_compile=true,liger=off" \
       --profile "$OUT/profile_B.txt" --out "$OUT/train.json"
     ;;
   merge)

@@ -294,7 +294,8 @@ def prepare_b_model(model, speed):
     # build_trainer applies the rest (Liger kernels, LoRA autocast inputs) itself, as `cogumi train` does
     return (["attn:" + kw["attn_implementation"]] + (["liger:rope,rms_norm,swiglu"] if speed.use_liger else [])
             + (["lora:autocast-inputs"] if speed.lora_autocast_inputs else [])
-            + (["lora:fused-add"] if speed.lora_fused_add else []))
+            + (["lora:fused-add"] if speed.lora_fused_add else [])
+            + (["compile:decoder-layers"] if speed.torch_compile else []))
 
 
 def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, overrides: list[str] | None = None,

@@ -197,7 +197,7 @@ def trainer_speed_kwargs(settings: SpeedSettings, training) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_checkpointing": settings.gradient_checkpointing,
         "optim": settings.optim,
-        "torch_compile": settings.torch_compile,
+        "torch_compile": False,           # compiled per decoder layer instead (apply_model_speedups)
         "packing": settings.packing,
         "dataloader_pin_memory": settings.device == "cuda",
     }
@@ -247,10 +247,34 @@ def apply_model_speedups(model, settings: SpeedSettings) -> list[str]:
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
         applied += ["liger:rope", "liger:rms_norm", "liger:swiglu"]
+    if settings.torch_compile:
+        applied.append(f"compile:{compile_decoder_layers(model)}-layers")
     if (settings.lora_autocast_inputs or settings.lora_fused_add) and has_module("peft"):
         install_lora_patches(model, autocast_inputs=settings.lora_autocast_inputs, fused_add=settings.lora_fused_add)
         applied += ["lora:autocast-inputs"] * settings.lora_autocast_inputs + ["lora:fused-add"] * settings.lora_fused_add
     return applied
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a causal LM (plain or PEFT-wrapped)."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", m)
+    return list(getattr(decoder, "layers", []))
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` every decoder layer in place (regional compilation, ``training.torch_compile``).
+
+    The layers share one code path, so one compiled graph serves all of them (compile time of one layer,
+    not of the model); within a layer the norms, rotary embedding, SwiGLU, residual adds, LoRA dropout and
+    scaling become a few fused kernels instead of hundreds of small launches, which is what limits an 8B
+    LoRA step on an H100 (docs/benchmarks.md). Packed attention stays outside the graph (it is opaque to
+    the compiler: its sequence boundaries change every micro-batch). Compiling is lazy: the first forward
+    pays it. Opt-in until measured on a GPU."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def install_lora_patches(model, *, autocast_inputs: bool = True, fused_add: bool = False) -> None:
@@ -309,32 +333,35 @@ def fuse_lora_add(root) -> int:
     so in bf16 it is at least as exact as PEFT's. Anything else -- several active adapters, DoRA or
     another variant, a LoRA bias, a non-Linear base (4-bit), a merged or disabled adapter, extra
     arguments -- goes to PEFT's own forward. Written here because PEFT has no fused LoRA-add path."""
-    import torch
+    import types
+
     from peft.tuners.lora import Linear as LoraLinear
 
     patched = 0
     for module in root.modules():
         if not isinstance(module, LoraLinear) or getattr(module, "_cogumi_fused_add", False):
             continue
-        original = module.forward
-
-        def forward(x, *args, _m=module, _original=original, **kwargs):
-            active = _m.active_adapters
-            name = active[0] if len(active) == 1 else None
-            if (args or kwargs or name is None or _m.disable_adapters or _m.merged or name not in _m.lora_A
-                    or name in getattr(_m, "lora_variant", {}) or type(_m.base_layer) is not torch.nn.Linear
-                    or _m.lora_B[name].bias is not None):
-                return _original(x, *args, **kwargs)
-            result = _m.base_layer(x)
-            lora_a = _m.lora_A[name]
-            h = lora_a(_m.lora_dropout[name](_m._cast_input_dtype(x, lora_a.weight.dtype)))
-            return add_scaled_product_(result, h.to(result.dtype), _m.lora_B[name].weight.t().to(result.dtype),
-                                       _m.scaling[name])
-
-        module.forward = forward
+        module._cogumi_peft_forward = module.forward
+        # one function bound to each module (not a closure per module): torch.compile then traces it once
+        module.forward = types.MethodType(_fused_lora_forward, module)
         module._cogumi_fused_add = True
         patched += 1
     return patched
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    import torch
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+            or name in getattr(self, "lora_variant", {}) or type(self.base_layer) is not torch.nn.Linear
+            or self.lora_B[name].bias is not None):
+        return self._cogumi_peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_a = self.lora_A[name]
+    h = lora_a(self.lora_dropout[name](self._cast_input_dtype(x, lora_a.weight.dtype)))
+    return add_scaled_product_(result, h.to(result.dtype), self.lora_B[name].weight.t().to(result.dtype),
+                               self.scaling[name])
 
 
 def add_scaled_product_(result, h, b, scale: float):
@@ -342,8 +369,12 @@ def add_scaled_product_(result, h, b, scale: float):
 
     In place only on a tensor that is not an autograd view (an in-place op on a view makes autograd
     rebuild the base's gradient with extra full-size copies); a Linear's 2-D/3-D output is not one.
-    3-D: ``baddbmm_`` with ``b`` broadcast over the batch (a stride-0 expand, no copy)."""
-    if result._is_view() or not result.is_contiguous() or result.dim() not in (2, 3):
+    3-D: ``baddbmm_`` with ``b`` broadcast over the batch (a stride-0 expand, no copy). Under torch.compile
+    the plain expression: the compiler fuses the scale and the add itself (and ``_is_view`` would split
+    its graph)."""
+    import torch
+    if (torch.compiler.is_compiling() or result._is_view() or not result.is_contiguous()
+            or result.dim() not in (2, 3)):
         return result + (h @ b) * scale
     if result.dim() == 2:
         return result.addmm_(h, b, alpha=scale)
@@ -413,10 +444,21 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     v = value[0].transpose(0, 1)
     n_rep = q.shape[1] // k.shape[1]
     if q.is_cuda and dropout == 0.0 and flash_varlen_available():
-        out = _flash_varlen(q, k, v, cu, int(max_len), scaling, n_rep)
+        out = _opaque(_flash_varlen)(q, k, v, cu, int(max_len), scaling, n_rep)
     else:
-        out = _per_sequence_sdpa(q, k, v, cu, scaling, dropout, n_rep)
+        out = _opaque(_per_sequence_sdpa)(q, k, v, cu, scaling, dropout, n_rep)
     return out.unsqueeze(0), None
+
+
+_OPAQUE: dict = {}
+
+
+def _opaque(fn):
+    """``fn`` hidden from torch.compile (run eagerly between compiled graphs); unchanged without compile."""
+    if fn not in _OPAQUE:
+        import torch
+        _OPAQUE[fn] = torch.compiler.disable(fn, recursive=True)
+    return _OPAQUE[fn]
 
 
 def torch_int32():
