@@ -116,7 +116,8 @@ def _sync_free_class(base):
                 self._cogumi_train_tokens = 0
                 device = self.args.device
                 tokens = torch.as_tensor(tokens, device=device, dtype=torch.int64).reshape(1)
-                self._total_train_tokens += int(self.accelerator.gather(tokens).sum().item()) // getattr(self, "_tp_size", 1)
+                total = int(self.accelerator.gather(tokens).sum().item())
+                self._total_train_tokens += total // getattr(self, "_tp_size", 1)
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
         def log(self, logs, start_time=None):
