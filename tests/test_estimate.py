@@ -102,3 +102,16 @@ def test_bad_data_fails_the_estimate_with_file_and_line(tmp_path, tiny_base, cap
     bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a"}\n')
     rc = main(["estimate", str(CONFIG), "--set", f"base_model={tiny_base}", "--set", f"data.train={bad}"])
     assert rc == 2 and f"{bad}:2: missing field 'response'" in capsys.readouterr().err
+
+
+def test_default_throughput_is_cogumi_s_h100_figure_scaled_by_model_size():
+    from cogumi import speed
+    from cogumi.estimate import KNOWN_SHAPES, default_tokens_per_second, parameter_counts
+    n8b = parameter_counts(KNOWN_SHAPES["llama-3.1-8b"], ["q_proj"], 64)["base"]
+    tps, source = default_tokens_per_second(n8b)
+    assert tps == speed.H100_TOKENS_PER_SECOND and "H100" in source          # the measured shape itself
+    n70b = parameter_counts(KNOWN_SHAPES["llama-3.1-70b"], ["q_proj"], 64)["base"]
+    tps70, source70 = default_tokens_per_second(n70b)
+    assert tps70 == pytest.approx(speed.H100_TOKENS_PER_SECOND * speed.H100_MEASURED_PARAMS / n70b)
+    assert "scaled" in source70 and tps70 < tps / 8
+    assert default_tokens_per_second(1e6)[0] == 4 * speed.H100_TOKENS_PER_SECOND   # tiny: capped

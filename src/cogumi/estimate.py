@@ -12,7 +12,8 @@ Features
   * Memory: a rough peak for one GPU: base weights + LoRA params/grads/AdamW states + activations per
     micro-batch (with or without activation checkpointing) + a fixed CUDA/allocator overhead.
   * Time and cost: real tokens / tokens-per-second, times $/hour. Tokens/s comes from ``--tokens-per-second``,
-    else ``cost.tokens_per_second`` in the config, else ``DEFAULT_TOKENS_PER_SECOND`` (source printed).
+    else ``cost.tokens_per_second`` in the config, else cogumi's measured H100 figure scaled by parameter
+    count (source printed).
 
 Failure modes: bad data -> DataError (file and line); a base whose config.json cannot be read offline and is
 not a known shape -> CogumiError asking for a local dir.
@@ -32,7 +33,7 @@ from cogumi.errors import CogumiError
 # ../shared/perf/README.md: the user's own recipe (HF Trainer, batch 2 x accumulation 8, pad-to-longest,
 # gradient checkpointing, bf16) on one H100 80GB, Llama-3.1-8B shape, LoRA r=64 on 7 projections.
 # cogumi's own defaults are faster; `benchmarks/train_throughput.py` measures them (docs/benchmarks.md), and
-# ``cogumi.speed.H100_TOKENS_PER_SECOND`` is used instead when the speed module provides it.
+# ``cogumi.speed.H100_TOKENS_PER_SECOND`` (scaled by parameter count) is used instead.
 ANCHOR_TOKENS_PER_SECOND = 1393.0
 ANCHOR_SOURCE = "shared/perf anchor: the user's recipe on one H100 80GB (1,393 real tokens/s)"
 
@@ -53,12 +54,20 @@ KNOWN_SHAPES = {
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def default_tokens_per_second() -> tuple[float, str]:
+def default_tokens_per_second(base_params: float | None = None) -> tuple[float, str]:
+    """cogumi's measured H100 throughput for the 8B shape, scaled by parameter count for other bases (a LoRA
+    step costs ~4N FLOPs per token; the scale is kept within 0.05..4 -- small models are not compute-bound)."""
     from cogumi import speed
     measured = getattr(speed, "H100_TOKENS_PER_SECOND", None)
-    if measured:
-        return float(measured), "docs/benchmarks.md: cogumi train on one H100 (cogumi.speed.H100_TOKENS_PER_SECOND)"
-    return ANCHOR_TOKENS_PER_SECOND, ANCHOR_SOURCE
+    if not measured:
+        return ANCHOR_TOKENS_PER_SECOND, ANCHOR_SOURCE
+    source = f"docs/benchmarks.md: cogumi train on one H100, 8B shape ({measured:,.0f} tokens/s)"
+    if not base_params:
+        return float(measured), source
+    scale = min(4.0, max(0.05, speed.H100_MEASURED_PARAMS / base_params))
+    if abs(scale - 1) < 0.02:
+        return float(measured), source
+    return float(measured) * scale, f"{source}, scaled x{scale:.2f} for {base_params / 1e9:.2f}B parameters"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,17 +211,18 @@ def estimate(cfg: RunConfig, *, tokens_per_second: float | None = None, usd_per_
     steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     tokens_total = round(tokens_epoch * steps / steps_per_epoch)
 
+    mc, shape_source = model_shape(cfg.base_model, cfg.base_revision)
     if tokens_per_second is None:
         tokens_per_second = cfg.cost.tokens_per_second
         tps_source = "config cost.tokens_per_second"
         if tokens_per_second is None:
-            tokens_per_second, tps_source = default_tokens_per_second()
+            base_params = parameter_counts(mc, cfg.lora.target_modules, cfg.lora.r)["base"]
+            tokens_per_second, tps_source = default_tokens_per_second(base_params)
     else:
         tps_source = "--tokens-per-second"
     usd = usd_per_hour if usd_per_hour is not None else cfg.cost.gpu_hourly_usd
     hours = tokens_total / tokens_per_second / 3600 / processes
 
-    mc, shape_source = model_shape(cfg.base_model, cfg.base_revision)
     micro_tokens = per_device * t.max_length
     memory = memory_estimate(mc, cfg, speed, micro_tokens)
     return {

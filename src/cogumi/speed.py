@@ -50,6 +50,12 @@ VARLEN_ATTENTION = "cogumi_varlen"
 # Measured on one H100 80GB (docs/benchmarks.md): an 8B base with LoRA r=64 on the 7 projections and
 # no activation checkpointing peaks well under 70 GiB at this many tokens per micro-batch.
 BIG_GPU_GIB = 70
+
+# `cogumi train`'s defaults on one H100 80GB, Llama-3.1-8B shape (8.03B parameters), LoRA r=64 on the 7
+# projections, the benchmark's length profile (docs/benchmarks.md, 2026-11-25: 11,626 real tokens/s; the
+# same settings measured 10,444-12,077 on other machines of that kind). `cogumi estimate` starts from it.
+H100_TOKENS_PER_SECOND = 11626.0
+H100_MEASURED_PARAMS = 8.03e9
 MICRO_BATCH_TOKENS_NO_CKPT = 4096
 MICRO_BATCH_TOKENS_CKPT = 16384
 
