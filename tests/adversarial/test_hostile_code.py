@@ -24,7 +24,6 @@ scores all of them in both formats.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -36,6 +35,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from hostile_support import load_corpus, tree_snapshot
 
 from .conftest import cli, cli_env, report, sample
 
@@ -65,23 +65,7 @@ while True:
 
 
 def corpus() -> dict[str, tuple[str, set[str]]]:
-    out = {}
-    for path in sorted(HOSTILE.glob("*.py")):
-        text = path.read_text()
-        tags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("# tags:")),
-                    set())
-        out[path.stem] = (text, tags)
-    return out
-
-
-def _snapshot(*roots: Path) -> dict:
-    snap = {}
-    for root in roots:
-        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-            st = os.lstat(p)
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() and not p.is_symlink() else None
-            snap[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
-    return snap
+    return load_corpus(HOSTILE)
 
 
 def _listener(family, kind, address):
@@ -114,7 +98,7 @@ class Arena:
         self.tmp.mkdir()
         self.signal_log = base / "victim-signals.log"
         self.signal_log.write_text("")
-        self.before = _snapshot(self.watched, self.sentinel, self.home)
+        self.before = tree_snapshot(self.watched, self.sentinel, self.home)
         self.victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(self.signal_log)],
                                        env=dict(os.environ, **{SECRET_NAME: self.secret}), start_new_session=True,
                                        stdout=subprocess.PIPE)
@@ -153,7 +137,7 @@ class Arena:
     # -- checks ----------------------------------------------------------------------------
     def escapes(self) -> list[str]:
         found = []
-        if _snapshot(self.watched, self.sentinel, self.home) != self.before:
+        if tree_snapshot(self.watched, self.sentinel, self.home) != self.before:
             found.append("a watched file, the sentinel or the fake home changed")
         for d in self.escape_dirs:
             try:

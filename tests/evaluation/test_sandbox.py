@@ -12,7 +12,6 @@ and again for the escape attempts with layers switched off:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hostile_support import load_corpus, tree_snapshot
 
 from cogumi.cli import main
 from cogumi.evaluation import sandbox
@@ -36,22 +36,7 @@ TESTS = ["assert solve(2) == 4", "assert abs(solve(3) - 6) < 1e-9", "assert math
 
 
 def hostile_programs() -> dict[str, tuple[str, set[str]]]:
-    out = {}
-    for path in sorted(HOSTILE.glob("*.py")):
-        text = path.read_text()
-        tags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("# tags:")), set())
-        out[path.stem] = (text, tags)
-    return out
-
-
-def _snapshot(*roots: Path) -> dict:
-    snap = {}
-    for root in roots:
-        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
-            st = os.lstat(p)
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-            snap[str(p)] = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_uid, digest)
-    return snap
+    return load_corpus(HOSTILE)
 
 
 def _processes_with(text: str) -> list[int]:
@@ -78,7 +63,7 @@ class Arena:
         (self.watched / "subdir" / "nested.txt").write_text("nested\n")
         self.sentinel = base / "sentinel.txt"
         self.sentinel.write_text("sentinel\n")
-        self.before = _snapshot(self.watched, self.sentinel)
+        self.before = tree_snapshot(self.watched, self.sentinel)
         env = dict(os.environ, **{SECRET_NAME: self.secret})
         self.victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=env,
                                        start_new_session=True)
@@ -100,7 +85,7 @@ class Arena:
                 "\nif _ESCAPES:\n    raise RuntimeError('ESCAPED:' + ','.join(_ESCAPES))\n")
 
     def assert_untouched(self) -> None:
-        assert _snapshot(self.watched, self.sentinel) == self.before, "a file outside the sandbox changed"
+        assert tree_snapshot(self.watched, self.sentinel) == self.before, "a file outside the sandbox changed"
         assert not list(Path("/tmp").glob(f"cogumi-escape-{self.token}*")), "an escape file was created in /tmp"
         assert not list(Path("/dev/shm").glob(f"cogumi-escape-{self.token}*"))
         assert self.victim.poll() is None, "the victim process was killed"
