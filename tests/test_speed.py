@@ -150,7 +150,7 @@ def test_lora_inputs_skip_fp32_copy_only_under_autocast():
     fast = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     plain.load_state_dict(fast.state_dict())
-    speed.install_lora_autocast_inputs(fast)
+    speed.install_lora_patches(fast, autocast_inputs=True, fused_add=False)
     lcfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                       target_modules=["q_proj", "v_proj", "down_proj"])
     torch.manual_seed(1)

@@ -303,11 +303,6 @@ def install_lora_patches(model, *, autocast_inputs: bool = True, fused_add: bool
     state["handle"] = decoder.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def install_lora_autocast_inputs(model) -> None:
-    """``install_lora_patches`` with the input-cast patch only."""
-    install_lora_patches(model, autocast_inputs=True, fused_add=False)
-
-
 def skip_lora_input_casts(root) -> int:
     """Give every LoRA layer under ``root`` an input cast that is a no-op under autocast. Returns how many."""
     import torch
