@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_visit.sh full     # env check, packing parity, train A/B, generation, merge
 #   bash benchmarks/gpu_visit.sh probe    # env check, parity, B ablations, generation (chooses defaults)
 #   bash benchmarks/gpu_visit.sh smoke    # the same parts on the tiny model on CPU (rehearsal, CI)
-#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity, B without its newest speed-ups, profile
+#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity, B with torch.compile (with/without Liger)
 #   bash benchmarks/gpu_visit.sh merge    # env check, the 8B merge benchmark (copy, cogumi, PEFT)
 #
 # Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
@@ -135,13 +135,13 @@ case "$MODE" in
     ;;
   train)
     part env 60 $PY "$ENV_CHECK"
-    part train 500 $PY benchmarks/train_throughput.py \
-      --ablate "torch_compile=true" --ablate "torch_compile=true,liger=off" \
-      --profile "$OUT/profile_B.txt" --out "$OUT/train.json"
+    part train 540 $PY benchmarks/train_throughput.py \
+      --ablate "torch_compile=true,liger=off" --ablate "torch_compile=true" --out "$OUT/train.json"
     ;;
   merge)
     part env 60 $PY "$ENV_CHECK"
-    part merge 500 $PY benchmarks/merge.py --shape 8b --out "$OUT/merge.json"
+    part merge 540 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi-nofid-j1,cogumi,peft-cpu \
+      --out "$OUT/merge.json"
     ;;
   *) echo "usage: $0 full|probe|smoke|train|merge"; exit 2 ;;
 esac

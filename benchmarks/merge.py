@@ -12,7 +12,8 @@ libraries are imported once, untimed: the model is read cold, the interpreter st
   --shape 1b     the same at Llama-3.2-1B size (2.5 GB), to rehearse on a small machine
   --smoke        cogumi's tiny offline model, seconds (CI)
 
-Variants: copy (shutil.copytree), cogumi-nofid (`cogumi merge --no-fidelity`), cogumi (`cogumi merge`,
+Variants: copy (shutil.copytree), cogumi-nofid (`cogumi merge --no-fidelity`), cogumi-nofid-j1 (the same,
+one shard at a time: COGUMI_MERGE_JOBS=1), cogumi (`cogumi merge`,
 fidelity check on), peft-cpu (the seed's merge script, device_map=cpu), peft-gpu (device_map=auto; only
 with --peft-gpu and a GPU). After each merge a few tensors are sampled and compared across variants: the
 cogumi and PEFT outputs must agree (and differ from the base where the adapter applies).
@@ -293,14 +294,15 @@ def main(argv=None) -> int:
             shutil.rmtree(dst, ignore_errors=True)
             if v == "copy":
                 cmd = [py, "-c", COPY_CHILD, str(base), str(dst)]
-            elif v in ("cogumi", "cogumi-nofid"):
+            elif v in ("cogumi", "cogumi-nofid", "cogumi-nofid-j1"):
                 cmd = [py, "-c", COGUMI_CHILD, "merge", str(adapter), "--out", str(dst), "--base", str(base)]
-                cmd += ["--no-fidelity"] if v == "cogumi-nofid" else []
+                cmd += ["--no-fidelity"] if v.startswith("cogumi-nofid") else []
             elif v in ("peft-cpu", "peft-gpu"):
                 cmd = [py, "-c", PEFT_CHILD, str(base), str(adapter), str(dst), "cpu" if v == "peft-cpu" else "auto"]
             else:
                 raise SystemExit(f"unknown variant {v!r}")
-            r = run_variant(v, cmd, timeout=a.timeout, log_dir=work, env=env)
+            r = run_variant(v, cmd, timeout=a.timeout, log_dir=work,
+                            env={**env, "COGUMI_MERGE_JOBS": "1"} if v.endswith("-j1") else env)
             if r["rc"] == 0 and v != "copy":
                 samples[v] = sample_tensors(dst, probe)
             if r["rc"] == 0 and v.startswith("cogumi"):
@@ -311,6 +313,7 @@ def main(argv=None) -> int:
                 r["merge_wall_s_inside"] = man.get("merge_wall_s")
                 r["timings_s"] = man.get("timings_s")
                 r["in_process_s"] = man.get("wall_s")
+                r["merge_jobs"] = man["output"].get("merge_jobs")
             shutil.rmtree(dst, ignore_errors=True)
             results["variants"].append(r)
             log(f"variant {v}: rc={r['rc']} wall {r['wall_s']:.1f}s peak RSS {r['peak_rss_gib']:.2f} GiB"
@@ -332,7 +335,7 @@ def main(argv=None) -> int:
             if copy_wall and r["rc"] == 0:
                 r["wall_x_copy"] = round(r["wall_s"] / copy_wall, 3)
         ok = []
-        for v in ("cogumi-nofid", "cogumi"):
+        for v in ("cogumi-nofid", "cogumi-nofid-j1", "cogumi"):
             if v in by and by[v]["rc"] == 0:
                 agree = checks.get(f"{v}_vs_peft-cpu", {}).get("max_abs_diff")
                 ok.append({"variant": v, "rss_goal_met": by[v]["peak_rss_gib"] <= GOAL_RSS_GIB,
@@ -352,7 +355,8 @@ def main(argv=None) -> int:
                         f"vs LoRA effect {f.get('lora_effect', {}).get('kl_mean', float('nan')):.2g}, "
                         f"top-1 {f.get('top1_agreement'):.3f})")
             if r.get("timings_s"):
-                note = (f"in-process {r['in_process_s']}s: " + ", ".join(f"{k} {v}s" for k, v in r["timings_s"].items())
+                stages = ", ".join(f"{k} {v}s" for k, v in r["timings_s"].items())
+                note = (f"{r.get('merge_jobs')} shard(s) at once, in-process {r['in_process_s']}s: {stages}"
                         + ("; " + note if note else ""))
             if r["rc"]:
                 note = f"FAILED rc={r['rc']}"

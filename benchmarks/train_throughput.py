@@ -417,6 +417,12 @@ def release_b(trainer, device: str):
     """The base model back from B's trainer: LoRA layers and TRL's fused-head patch removed."""
     model = trainer.model.base_model.unload()
     model.__dict__.pop("forward", None)
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    for layer in compiled:                 # a torch_compile variant compiled the layers in place
+        layer._compiled_call_impl = None
+    if compiled:
+        import torch
+        torch._dynamo.reset()              # the next variant compiles afresh, within the recompile limit
     del trainer
     reset_peak(device)
     return model

@@ -385,3 +385,59 @@ def test_an_fsync_failure_fails_the_merge_and_leaves_nothing(bf16_merge, tmp_pat
         merge_mod.merge_adapter(adapter, out, max_shard_bytes=100_000, fidelity=False, log=lambda *_: None)
     assert err.value.errno == errno.ENOSPC
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def _shard_bytes(model_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(model_dir.glob("*.safetensors"))}
+
+
+def test_shards_merged_in_parallel_are_byte_identical_to_one_at_a_time(bf16_merge, tmp_path, monkeypatch):
+    """COGUMI_MERGE_JOBS=3: three shard pipelines at once share one byte budget and write the same
+    files, byte for byte, as the one-at-a-time merge; the manifest says how many ran at once."""
+    import cogumi.merge as merge_mod
+    adapter, _, _ = bf16_merge
+    outs = {}
+    for jobs in (1, 3):
+        monkeypatch.setenv("COGUMI_MERGE_JOBS", str(jobs))
+        manifest = merge_mod.merge_adapter(adapter, tmp_path / f"jobs{jobs}", max_shard_bytes=100_000,
+                                           fidelity=False, inflight_bytes=200_000, log=lambda *_: None)
+        assert manifest["output"]["merge_jobs"] == jobs
+        outs[jobs] = _shard_bytes(tmp_path / f"jobs{jobs}")
+    assert len(outs[1]) >= 3 and outs[3] == outs[1]
+
+
+def test_a_failing_shard_stops_every_parallel_pipeline_and_leaves_nothing(tiny_base, tmp_path, monkeypatch):
+    """NaN in a tensor of the last shard while other shards are being merged: the merge fails with the
+    NaN message (not an internal 'stopped'), no merge thread outlives it, nothing is left at --out."""
+    import threading
+
+    from safetensors.torch import load_file, save_file
+
+    from cogumi.merge import merge_adapter
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["down_proj"])
+    path = adapter / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    key = max(k for k in sd if "lora_B" in k)             # the last layer's down_proj: the last shard
+    sd[key][0, 0] = float("nan")
+    save_file(sd, str(path))
+    monkeypatch.setenv("COGUMI_MERGE_JOBS", "4")
+    with pytest.raises(RedFlagError, match=r"NaN/Inf in model\.layers\.\d+\.mlp\.down_proj"):
+        merge_adapter(adapter, tmp_path / "out", max_shard_bytes=100_000, fidelity=False, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("cogumi-merge")]
+
+
+def test_merge_jobs_setting(monkeypatch):
+    from cogumi.merge import merge_jobs
+    monkeypatch.setenv("COGUMI_MERGE_JOBS", "8")
+    assert merge_jobs(4) == 4 and merge_jobs(1) == 1
+    monkeypatch.setenv("COGUMI_MERGE_JOBS", "two")
+    with pytest.raises(CogumiError, match="COGUMI_MERGE_JOBS='two'"):
+        merge_jobs(4)
+    monkeypatch.delenv("COGUMI_MERGE_JOBS")
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert merge_jobs(4) == 1                            # one core: one shard at a time
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert merge_jobs(4) == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert merge_jobs(4) == 4 and merge_jobs(2) == 2

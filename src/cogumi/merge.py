@@ -63,7 +63,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
 ADAPTER_PREFIX = "base_model.model."
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-INFLIGHT_BYTES = 512 * 2**20          # read-ahead + write-behind budget of the streaming merge
+INFLIGHT_BYTES = 512 * 2**20          # read-ahead + write-behind budget of the streaming merge (all shards)
+MAX_MERGE_JOBS = 4                     # output shards merged at once, at most one per core (an 8B model has 4;
+                                       # 2 cores, 3 GB in 3 shards: 2 at once cut the merge from 11.7 s to 7.4 s)
+M_MMAP_THRESHOLD = -3                  # glibc mallopt parameter
 ROW_BLOCK_ELEMENTS = 2**20             # fp32 elements per block of rows when adding a delta (4 MiB: stays in cache)
 
 # Fidelity tolerance (merged as written vs base + adapter unmerged, fp32 compute). bf16 rounding of the
@@ -512,8 +515,9 @@ class AdaptedWeights:
             return self.base.get(name)
         return self.adapter.tensors.get(rep).to(_torch_dtype(self.base.dtype_tag(name)), copy=True)
 
-    def adapt(self, name: str, t, row_start: int = 0):
-        """Apply trainable-token rows and (when merging) the LoRA delta to ``t`` = rows of ``name``."""
+    def adapt(self, name: str, t, row_start: int = 0, *, check_finite: bool = False):
+        """Apply trainable-token rows and (when merging) the LoRA delta to ``t`` = rows of ``name``;
+        ``check_finite``: raise ``RedFlagError`` if the result holds NaN/Inf."""
         import torch
         tok = self.adapter.token_rows.get(name)
         if tok is not None:
@@ -524,6 +528,8 @@ class AdaptedWeights:
                     t[row - row_start] = values[j].to(t.dtype)
         lora = self.adapter.loras.get(name) if self.merge else None
         if lora is None:
+            if check_finite and not all_finite(t):
+                raise _nonfinite_error(name)
             return t
         if not t.is_floating_point():
             raise CogumiError(f"{name}: cannot add a LoRA delta to a {t.dtype} tensor")
@@ -534,10 +540,12 @@ class AdaptedWeights:
         for i in range(0, t.shape[0], block):
             rows = t[i:i + block]
             # a preallocated, cache-sized fp32 block: convert, add the delta, convert back (3x faster on
-            # CPU than a fresh fp32 copy of the whole tensor)
+            # CPU than a fresh fp32 copy of the whole tensor); the finite check reads the block from cache
             w = buf[:rows.numel()].view(rows.shape).copy_(rows)
             lora.add_delta_(w, row_start + i, ab)
             rows.copy_(w)
+            if check_finite and not all_finite(rows):
+                raise _nonfinite_error(name)
         return t
 
     def get(self, name: str):
@@ -714,99 +722,119 @@ class _ByteBudget:
             self.cond.notify_all()
 
 
-def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir: Path, *,
-                        log: Callable[[str], Any] = print, inflight_bytes: int = INFLIGHT_BYTES) -> dict:
-    """Stream every tensor through ``weights`` (merge=True) into ``shards`` under ``out_dir``.
+class _Stopped(Exception):
+    """Another shard's pipeline failed; this one stopped early (its partial shard is abandoned)."""
 
-    Three stages overlap: a reader thread fetches ahead (tensors the adapter changes whole; untouched
-    ones as raw byte chunks, never decoded), the calling thread adds the LoRA deltas (torch releases the
-    GIL) and checks every value for NaN/Inf, and a writer thread appends to the shard files. The bytes
-    held between the stages are bounded by ``inflight_bytes``.
-    """
-    kill_after = int(os.environ.get("COGUMI_TEST_KILL_AFTER_SHARDS", "0") or 0)
-    budget = _ByteBudget(inflight_bytes)
+
+def _nonfinite_error(name: str) -> RedFlagError:
+    return RedFlagError(f"merge produced NaN/Inf in {name}; the adapter or the base holds non-finite values "
+                        "(check both with `cogumi verify`)")
+
+
+def merge_jobs(n_shards: int) -> int:
+    """How many output shards are merged at once (``COGUMI_MERGE_JOBS`` overrides).
+
+    Each shard has its own reader, merging thread and writer, so several sequential reads and writes
+    are in flight (one stream leaves the disk idle while it merges, and Linux serialises buffered
+    writes to one file) and the arithmetic runs beside the I/O of the other shards."""
+    raw = os.environ.get("COGUMI_MERGE_JOBS", "").strip()
+    if raw:
+        try:
+            jobs = int(raw)
+        except ValueError:
+            raise CogumiError(f"COGUMI_MERGE_JOBS={raw!r}: expected a whole number of shards to merge at once") from None
+    else:
+        jobs = min(MAX_MERGE_JOBS, os.cpu_count() or 1)
+    return max(1, min(jobs, n_shards))
+
+
+def _return_freed_buffers_to_the_os() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping, returned to the OS when freed.
+
+    glibc raises its mmap threshold after the first large free, so later tensor buffers come from
+    per-thread arenas that keep freed memory: with several reader threads that is +0.45 GB of peak RSS
+    (3 GB merge, 3 shards at once), none of it in use. A fixed threshold (one ``mallopt`` call; glibc
+    only, a no-op elsewhere) keeps peak memory to the buffers alive, at no measured cost in speed."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextlib.contextmanager
+def _intra_op_threads(jobs: int):
+    """Split torch's intra-op threads between ``jobs`` concurrent merging threads (no oversubscription)."""
+    import torch
+    before = torch.get_num_threads()
+    if jobs > 1:
+        torch.set_num_threads(max(1, before // jobs))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _write_shard(weights: AdaptedWeights, shard: OutShard, path: Path, budget: _ByteBudget, chunk_bytes: int,
+                 finish: Callable[[SafetensorsStreamWriter], Any]) -> int:
+    """One output shard through three overlapping stages: a reader thread fetches ahead (tensors the
+    adapter changes whole; untouched ones as raw byte chunks, never decoded), the calling thread adds the
+    LoRA deltas (torch releases the GIL) and checks every value for NaN/Inf, and a writer thread appends
+    to the file, then hands it to ``finish`` (fsync and close). Returns the LoRA modules merged."""
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
-    chunk_bytes = max(1 << 20, inflight_bytes // 8)
 
     def reader():
         try:
-            for si, shard in enumerate(shards):
-                for t in shard.tensors:
-                    if weights.passthrough(t.name):
-                        for chunk in weights.raw_chunks(t.name, chunk_bytes):
-                            budget.acquire(chunk.numel())
-                            if budget.failed:
-                                return
-                            read_q.put((si, t, "raw", chunk))
-                    else:
-                        budget.acquire(t.nbytes)
+            for t in shard.tensors:
+                if weights.passthrough(t.name):
+                    for chunk in weights.raw_chunks(t.name, chunk_bytes):
+                        budget.acquire(chunk.numel())
                         if budget.failed:
                             return
-                        read_q.put((si, t, "tensor", weights.read(t.name)))
-        except BaseException as e:  # handed to the main thread
+                        read_q.put((t, "raw", chunk))
+                else:
+                    budget.acquire(t.nbytes)
+                    if budget.failed:
+                        return
+                    read_q.put((t, "tensor", weights.read(t.name)))
+        except BaseException as e:  # handed to the merging thread
             read_q.put(e)
         finally:
             read_q.put(None)
 
-    def after_shard(si: int):
-        log(f"merge: wrote {shards[si].file} ({human_bytes(shards[si].nbytes)}, {len(shards[si].tensors)} tensors)")
-        if kill_after and si + 1 >= kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    # Each finished shard is fsynced and closed on its own thread: the disk's write-back of one shard then
-    # overlaps reading and merging the next, as a plain copy's does (fsync in the writer stalled the whole
-    # pipeline once per shard). Every fsync has returned before this function does, so the output is
-    # renamed into place only when it is on disk.
-    syncer = ThreadPoolExecutor(1, thread_name_prefix="cogumi-merge-fsync")
-    synced: list = []
-
-    def finish_shard(si: int, out) -> None:
-        def sync_close():
-            out.close()
-            after_shard(si)
-        synced.append(syncer.submit(sync_close))
-
     def writer():
-        current, out, finished = -1, None, False
+        out, finished = None, False
         try:
+            out = SafetensorsStreamWriter(path, shard.tensors)
             while True:
                 item = write_q.get()
                 if item is None:
                     finished = True
-                    if budget.failed:            # the merge stopped: leave the partial shard as it is
-                        if out is not None:
-                            out.abort()
-                        return
                     break
-                si, t, kind, payload, held = item
-                if si != current:
-                    if out is not None:
-                        finish_shard(current, out)
-                    current, out = si, SafetensorsStreamWriter(out_dir / shards[si].file, shards[si].tensors)
+                t, kind, payload, held = item
                 if kind == "raw":
                     out.write_bytes(t.name, payload)
                 else:
                     out.write(t.name, payload)
                 del payload, item
                 budget.release(held)
-            if out is not None:
-                finish_shard(current, out)
-                out = None
-            if current < len(shards) - 1 and not errors:   # shards with no bytes at all
-                for si in range(current + 1, len(shards)):
-                    SafetensorsStreamWriter(out_dir / shards[si].file, shards[si].tensors).close()
+            if budget.failed:                # the merge stopped: leave the partial shard as it is
+                out.abort()
+                return
+            finish(out)
         except BaseException as e:
             errors.append(e)
             budget.fail()
             if out is not None:
                 out.abort()
-            while not finished and write_q.get() is not None:     # drain until the main thread's end marker
+            while not finished and write_q.get() is not None:     # drain until the merging thread's end marker
                 pass
 
-    threads = [threading.Thread(target=reader, daemon=True, name="cogumi-merge-read"),
-               threading.Thread(target=writer, daemon=True, name="cogumi-merge-write")]
+    threads = [threading.Thread(target=reader, daemon=True, name=f"cogumi-merge-read-{path.name}"),
+               threading.Thread(target=writer, daemon=True, name=f"cogumi-merge-write-{path.name}")]
     for th in threads:
         th.start()
     merged = 0
@@ -819,36 +847,90 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
                 raise item
             if errors:
                 raise errors[0]
-            si, t, kind, payload = item
+            if budget.failed:
+                raise _Stopped()
+            t, kind, payload = item
             held = payload.numel() if kind == "raw" else t.nbytes
             if kind == "raw":
-                values = payload.view(_torch_dtype(t.dtype)) if t.dtype in FLOAT_DTYPES else None
+                if t.dtype in FLOAT_DTYPES and not all_finite(payload.view(_torch_dtype(t.dtype))):
+                    raise _nonfinite_error(t.name)
             else:
-                payload = weights.adapt(t.name, payload)
+                payload = weights.adapt(t.name, payload, check_finite=True)
                 merged += t.name in weights.adapter.loras
-                values = payload
-            if values is not None and not all_finite(values):
-                raise RedFlagError(f"merge produced NaN/Inf in {t.name}; the adapter or the base holds non-finite "
-                                   "values (check both with `cogumi verify`)")
-            write_q.put((si, t, kind, payload, held))
-            del payload, values, item
+            write_q.put((t, kind, payload, held))
+            del payload, item
     except BaseException:
         budget.fail()
         write_q.put(None)
         for th in threads:
             th.join(timeout=5)
-        syncer.shutdown(wait=True)
         raise
     write_q.put(None)
     for th in threads:
         th.join()
-    syncer.shutdown(wait=True)
-    for f in synced:
-        f.result()                      # an fsync's error (ENOSPC, EIO) fails the merge
     if errors:
         raise errors[0]
-    return {"lora_modules_merged": merged, "tensors": sum(len(s.tensors) for s in shards),
-            "bytes": sum(s.nbytes for s in shards)}
+    if budget.failed:
+        raise _Stopped()
+    return merged
+
+
+def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir: Path, *,
+                        log: Callable[[str], Any] = print, inflight_bytes: int = INFLIGHT_BYTES,
+                        jobs: int | None = None) -> dict:
+    """Stream every tensor through ``weights`` (merge=True) into ``shards`` under ``out_dir``.
+
+    ``jobs`` shards (default ``merge_jobs``) go through their own pipelines at once (``_write_shard``);
+    the bytes held between reading and writing, over all of them, are bounded by ``inflight_bytes``.
+    Each finished shard is fsynced and closed on a background thread, so the disk's write-back of one
+    shard overlaps the work on the next; every fsync has returned (and its error failed the merge)
+    before this function returns, so the output is renamed into place only when it is on disk.
+    """
+    import concurrent.futures as cf
+    jobs = merge_jobs(len(shards)) if jobs is None else max(1, min(jobs, len(shards)))
+    _return_freed_buffers_to_the_os()
+    kill_after = int(os.environ.get("COGUMI_TEST_KILL_AFTER_SHARDS", "0") or 0)
+    budget = _ByteBudget(inflight_bytes)
+    chunk_bytes = max(1 << 20, inflight_bytes // (8 * jobs))
+    syncer = ThreadPoolExecutor(1, thread_name_prefix="cogumi-merge-fsync")
+    synced: list = []
+    written = [0]
+
+    def finisher(si: int):
+        def finish(out: SafetensorsStreamWriter) -> None:
+            def sync_close():
+                out.close()
+                written[0] += 1                 # only the one fsync thread counts
+                log(f"merge: wrote {shards[si].file} ({human_bytes(shards[si].nbytes)}, "
+                    f"{len(shards[si].tensors)} tensors)")
+                if kill_after and written[0] >= kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            synced.append(syncer.submit(sync_close))
+        return finish
+
+    futures: list = []
+    try:
+        with _intra_op_threads(jobs), ThreadPoolExecutor(jobs, thread_name_prefix="cogumi-merge-shard") as pool:
+            futures = [pool.submit(_write_shard, weights, shard, out_dir / shard.file, budget, chunk_bytes,
+                                   finisher(si)) for si, shard in enumerate(shards)]
+            cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+            if any(f.done() and not f.cancelled() and f.exception() for f in futures):
+                budget.fail()
+                for f in futures:
+                    f.cancel()
+    except BaseException:                       # Ctrl-C: stop every pipeline before leaving
+        budget.fail()
+        raise
+    finally:
+        syncer.shutdown(wait=True)
+    failures = [f.exception() for f in futures if not f.cancelled() and f.exception()]
+    real = [e for e in failures if not isinstance(e, _Stopped)]
+    if real or failures:
+        raise (real or failures)[0]
+    for f in synced:
+        f.result()                      # an fsync's error (ENOSPC, EIO) fails the merge
+    return {"lora_modules_merged": sum(f.result() for f in futures), "jobs": jobs,
+            "tensors": sum(len(s.tensors) for s in shards), "bytes": sum(s.nbytes for s in shards)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1356,7 +1438,7 @@ def _peak_rss_gib() -> float:
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | None = None,
                   target: str = "original", holdout: str | os.PathLike | None = None, overwrite: bool = False,
                   force: bool = False, fidelity: bool = True, log: Callable[[str], Any] = print,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
+                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, inflight_bytes: int = INFLIGHT_BYTES) -> dict:
     """Merge ``adapter`` into its base and write a HF model dir at ``out``; returns the manifest."""
     from cogumi.io import atomic_dir
     t_start = time.time()
@@ -1425,7 +1507,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     timings = {"prepare": round(time.time() - t_start, 2)}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         t_merge = time.time()
-        stats = write_merged_shards(weights, shards, tmp, log=log)
+        stats = write_merged_shards(weights, shards, tmp, log=log, inflight_bytes=inflight_bytes)
         merge_s = time.time() - t_merge
         timings["merge"] = round(merge_s, 2)
         t_checks = time.time()
@@ -1494,7 +1576,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
             "auto": auto_numbers, "fidelity": fid,
             "adapter": ad.summary(),
             "output": {"dtype": out_tag, "bytes": total, "shards": len(shards), "tensors": stats["tensors"],
-                       "lora_modules_merged": stats["lora_modules_merged"]},
+                       "lora_modules_merged": stats["lora_modules_merged"], "merge_jobs": stats["jobs"]},
             "libraries": library_versions(),
             "merge_wall_s": round(merge_s, 2), "wall_s": round(time.time() - t_start, 2), "timings_s": timings,
             "peak_rss_gib": round(_peak_rss_gib(), 3),
