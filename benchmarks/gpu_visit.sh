@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_visit.sh full     # env check, packing parity, train A/B, generation, merge
 #   bash benchmarks/gpu_visit.sh probe    # env check, parity, B ablations, generation (chooses defaults)
 #   bash benchmarks/gpu_visit.sh smoke    # the same parts on the tiny model on CPU (rehearsal, CI)
-#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity, B with torch.compile (with/without Liger)
+#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity (B profiled), B without compiling (Liger)
 #   bash benchmarks/gpu_visit.sh merge    # env check, the 8B merge benchmark (copy, cogumi, PEFT)
+#   bash benchmarks/gpu_visit.sh final    # env check, train (as in train), then the merge benchmark
 #
 # Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
 # so one failing or slow part never stops the rest. Logs and JSON go to $OUT (default /tmp/cogumi-gpu-out);
@@ -135,15 +136,22 @@ case "$MODE" in
     ;;
   train)
     part env 60 $PY "$ENV_CHECK"
-    part train 540 $PY benchmarks/train_throughput.py \
-      --ablate "torch_compile=true,liger=off" --ablate "torch_compile=true" --out "$OUT/train.json"
+    part train 540 $PY benchmarks/train_throughput.py --profile "$OUT/profile_B.txt" \
+      --ablate-after "torch_compile=off" --out "$OUT/train.json"
+    ;;
+  final)
+    part env 60 $PY "$ENV_CHECK"
+    part train 260 $PY benchmarks/train_throughput.py --profile "$OUT/profile_B.txt" \
+      --ablate-after "torch_compile=off" --out "$OUT/train.json"
+    part merge 330 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi-nofid-j1,cogumi,peft-cpu \
+      --out "$OUT/merge.json"
     ;;
   merge)
     part env 60 $PY "$ENV_CHECK"
     part merge 540 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi-nofid-j1,cogumi,peft-cpu \
       --out "$OUT/merge.json"
     ;;
-  *) echo "usage: $0 full|probe|smoke|train|merge"; exit 2 ;;
+  *) echo "usage: $0 full|probe|smoke|train|merge|final"; exit 2 ;;
 esac
 
 echo

@@ -519,6 +519,9 @@ def main(argv=None) -> int:
     p.add_argument("--ablate", action="append", default=[],
                    help="extra B variants before B, e.g. 'liger=off,micro=6144,grad_accum=1' (Liger patches "
                         "transformers globally: list variants without it first)")
+    p.add_argument("--ablate-after", action="append", default=[],
+                   help="extra B variants after B (and its parity check): those that patch transformers with "
+                        "Liger when B does not")
     p.add_argument("--parity-only", action="store_true", help="build B, check packing parity, no timing")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--profile", default=None, help="profile B's last step; write the kernel table to this file")
@@ -570,22 +573,28 @@ def main(argv=None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=2))
     results["ablations"] = []
-    for spec in ([] if args.parity_only else args.ablate):
-        overrides, speed_overrides = parse_ablation(spec)
-        try:
-            r, trainer = run_cogumi_b(model, tokenizer, tok.to_dataset(), args, device, smoke, overrides,
-                                      speed_overrides, name=f"B[{spec}]")
-            model = release_b(trainer, device)
-            del trainer
-        except Exception as e:          # an OOM or a failing option is a result too
-            import traceback
-            traceback.print_exc()
-            r = {"variant": f"B[{spec}]", "error": f"{type(e).__name__}: {str(e)[:300]}", "peak_gib": peak_gib(device)}
-            reset_peak(device)
-        results["ablations"].append(r)
-        log(f"ablation: {json.dumps({k: v for k, v in r.items() if k not in ('step_times', 'step_tokens', 'speed', 'logged')})}")
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+
+    def run_ablations(model, specs):
+        for spec in ([] if args.parity_only else specs):
+            overrides, speed_overrides = parse_ablation(spec)
+            try:
+                r, trainer = run_cogumi_b(model, tokenizer, tok.to_dataset(), args, device, smoke, overrides,
+                                          speed_overrides, name=f"B[{spec}]")
+                model = release_b(trainer, device)
+                del trainer
+            except Exception as e:          # an OOM or a failing option is a result too
+                import traceback
+                traceback.print_exc()
+                r = {"variant": f"B[{spec}]", "error": f"{type(e).__name__}: {str(e)[:300]}",
+                     "peak_gib": peak_gib(device)}
+                reset_peak(device)
+            results["ablations"].append(r)
+            log(f"ablation: {json.dumps({k: v for k, v in r.items() if k not in ('step_times', 'step_tokens', 'speed', 'logged')})}")
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=2))
+        return model
+
+    model = run_ablations(model, args.ablate)
     if "B" in variants:
         if args.parity_only:
             args.steps, args.warmup = 1, 0
@@ -595,6 +604,8 @@ def main(argv=None) -> int:
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
         results["parity"] = packing_parity(trainer, device, tol)
         log(f"parity-json: {json.dumps(results['parity'])}")
+        if args.ablate_after and not args.parity_only:
+            run_ablations(release_b(trainer, device), args.ablate_after)
     if "A" in results and "B" in results and results["A"]["tokens_per_s"]:
         results["B_over_A"] = results["B"]["tokens_per_s"] / results["A"]["tokens_per_s"]
     if "B" in results and shape == "8b":

@@ -9,10 +9,12 @@ from cogumi import speed
 from cogumi.config import TrainingConfig
 
 
-def _cuda_settings(monkeypatch, *, gib: float | None, liger_installed: bool, **training):
+def _cuda_settings(monkeypatch, *, gib: float | None, liger_installed: bool, triton_installed: bool = True,
+                   **training):
     monkeypatch.setattr(speed, "gpu_memory_gib", lambda: gib)
     real = speed.has_module
-    monkeypatch.setattr(speed, "has_module", lambda name: liger_installed if name == "liger_kernel" else real(name))
+    installed = {"liger_kernel": liger_installed, "triton": triton_installed}
+    monkeypatch.setattr(speed, "has_module", lambda name: installed[name] if name in installed else real(name))
     return speed.resolve_speed_settings(TrainingConfig(**training), "cuda")
 
 
@@ -20,7 +22,7 @@ def test_cpu_defaults_are_plain():
     s = speed.resolve_speed_settings(TrainingConfig(), "cpu")
     assert (s.dtype, s.packing, s.attn_implementation, s.use_liger, s.optim) == \
         ("float32", False, "sdpa", False, "adamw_torch")
-    assert not s.lora_autocast_inputs and s.micro_batch_tokens is None
+    assert not s.lora_autocast_inputs and s.micro_batch_tokens is None and not s.torch_compile
     assert speed.batch_plan(s, TrainingConfig()) == (8, 4)
 
 
@@ -28,7 +30,9 @@ def test_big_gpu_defaults(monkeypatch):
     s = _cuda_settings(monkeypatch, gib=79.2, liger_installed=True)
     assert s.dtype == "bfloat16" and s.packing and s.attn_implementation == speed.VARLEN_ATTENTION
     assert not s.gradient_checkpointing and s.micro_batch_tokens == speed.MICRO_BATCH_TOKENS_NO_CKPT
-    assert s.use_liger and s.optim == "adamw_torch_fused" and s.lora_autocast_inputs
+    # the decoder layers compiled, and so no Liger (its kernels break the compiled graphs)
+    assert s.torch_compile and not s.use_liger and not s.notes
+    assert s.optim == "adamw_torch_fused" and s.lora_autocast_inputs
     # 32 packs of 2048 per optimizer step, 2 per micro-batch
     assert speed.batch_plan(s, TrainingConfig()) == (2, 16)
     kw = speed.trainer_speed_kwargs(s, TrainingConfig())
@@ -43,9 +47,21 @@ def test_big_gpu_defaults(monkeypatch):
     assert args.accelerator_config.non_blocking
 
 
+def test_liger_where_nothing_is_compiled(monkeypatch):
+    """Without Triton (or with torch_compile off) the layers run eagerly and Liger's kernels are used;
+    asking for both is allowed, with a note."""
+    assert _cuda_settings(monkeypatch, gib=79.2, liger_installed=True, triton_installed=False).use_liger
+    s = _cuda_settings(monkeypatch, gib=79.2, liger_installed=True, torch_compile="off")
+    assert s.use_liger and not s.torch_compile
+    s = _cuda_settings(monkeypatch, gib=79.2, liger_installed=True, liger="on", torch_compile="on")
+    assert s.use_liger and s.torch_compile and any("split the compiled layers" in n for n in s.notes)
+    assert not _cuda_settings(monkeypatch, gib=79.2, liger_installed=True, triton_installed=False).torch_compile
+
+
 def test_smaller_gpu_recomputes_and_missing_liger_degrades(monkeypatch):
     s = _cuda_settings(monkeypatch, gib=40.0, liger_installed=False, liger="on")
     assert s.gradient_checkpointing and s.micro_batch_tokens == speed.MICRO_BATCH_TOKENS_CKPT
+    assert not s.torch_compile                    # compiled layers measured without recomputation only
     assert not s.use_liger and any("liger" in n for n in s.notes)
     assert speed.apply_model_speedups(torch.nn.Linear(2, 2), s.__class__(**{**s.to_dict(),
                                                                            "lora_autocast_inputs": False, "lora_fused_add": False})) == []

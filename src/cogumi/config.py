@@ -61,7 +61,7 @@ class TrainingConfig:
     liger: Literal["auto", "on", "off"] = "auto"                       # fused kernels when installed
     optim: str = "auto"                   # auto: adamw_torch_fused on GPU, adamw_torch on CPU
     attn_implementation: str = "auto"
-    torch_compile: bool = False
+    torch_compile: Literal["auto", "on", "off"] = "auto"               # auto: each decoder layer compiled on GPU
     loss_spike_factor: float = 3.0        # warn when loss > factor x its running mean
     plateau_steps: int = 0                # warn if loss has not improved for this many logged steps (0: off)
     # Several processes (accelerate launch / torchrun): "ddp" replicates the base on every GPU; "fsdp" shards
