@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_visit.sh full     # env check, packing parity, train A/B, generation, merge
 #   bash benchmarks/gpu_visit.sh probe    # env check, parity, B ablations, generation (chooses defaults)
 #   bash benchmarks/gpu_visit.sh smoke    # the same parts on the tiny model on CPU (rehearsal, CI)
-#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity (B profiled), B without compiling (Liger)
+#   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity, B without compiling (Liger); PROFILE=1: B profiled
 #   bash benchmarks/gpu_visit.sh merge    # env check, the 8B merge benchmark (copy, cogumi, PEFT)
-#   bash benchmarks/gpu_visit.sh final    # env check, train (as in train), then the merge benchmark
+#   bash benchmarks/gpu_visit.sh final    # train (as in train), then the merge benchmark (no j1 variant)
 #
 # Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
 # so one failing or slow part never stops the rest. Logs and JSON go to $OUT (default /tmp/cogumi-gpu-out);
@@ -136,15 +136,13 @@ case "$MODE" in
     ;;
   train)
     part env 60 $PY "$ENV_CHECK"
-    part train 540 $PY benchmarks/train_throughput.py --profile "$OUT/profile_B.txt" \
+    part train 540 $PY benchmarks/train_throughput.py ${PROFILE:+--profile "$OUT/profile_B.txt"} \
       --ablate-after "torch_compile=off" --out "$OUT/train.json"
     ;;
   final)
     part env 60 $PY "$ENV_CHECK"
-    part train 260 $PY benchmarks/train_throughput.py --profile "$OUT/profile_B.txt" \
-      --ablate-after "torch_compile=off" --out "$OUT/train.json"
-    part merge 330 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi-nofid-j1,cogumi,peft-cpu \
-      --out "$OUT/merge.json"
+    part train 320 $PY benchmarks/train_throughput.py --ablate-after "torch_compile=off" --out "$OUT/train.json"
+    part merge 330 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi,peft-cpu --out "$OUT/merge.json"
     ;;
   merge)
     part env 60 $PY "$ENV_CHECK"

@@ -355,7 +355,7 @@ def main(argv=None) -> int:
                         f"vs LoRA effect {f.get('lora_effect', {}).get('kl_mean', float('nan')):.2g}, "
                         f"top-1 {f.get('top1_agreement'):.3f})")
             if r.get("timings_s"):
-                stages = ", ".join(f"{k} {v}s" for k, v in r["timings_s"].items())
+                stages = ", ".join(f"{k} {v}s" for k, v in r["timings_s"].items() if not isinstance(v, dict))
                 note = (f"{r.get('merge_jobs')} shard(s) at once, in-process {r['in_process_s']}s: {stages}"
                         + ("; " + note if note else ""))
             if r["rc"]:

@@ -1446,7 +1446,9 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     if out.exists() and not overwrite:
         raise CogumiError(f"{out} already exists; pass --overwrite to replace it")
     ad = load_adapter(adapter)
+    t_adapter = time.time()
     plan = plan_merge(ad, base=base, target=target, log=log)
+    t_plan = time.time()
 
     reds = red_findings(plan.findings)
     for f in plan.findings:
@@ -1504,7 +1506,10 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
         f"{len(ad.replacements)} replaced tensors; {human_bytes(total)} in {len(shards)} shard(s), {out_tag}")
 
     base_fp = fingerprint(plan.base_dir)
-    timings = {"prepare": round(time.time() - t_start, 2)}
+    timings = {"prepare": round(time.time() - t_start, 2),
+               "prepare_parts": {"read_adapter": round(t_adapter - t_start, 2),
+                                 "plan_and_checks": round(t_plan - t_adapter, 2),
+                                 "open_base_and_fingerprint": round(time.time() - t_plan, 2)}}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         t_merge = time.time()
         stats = write_merged_shards(weights, shards, tmp, log=log, inflight_bytes=inflight_bytes)
