@@ -6,16 +6,19 @@ Features
     settings. On a CUDA GPU the defaults are: bf16; packing (TRL best-fit-decreasing packs of
     ``max_length``) read through variable-length attention, so packed rows never attend to each other;
     every micro-batch padded to one fixed token count; no activation checkpointing on cards with >= 70 GiB
-    (a micro-batch of ``micro_batch_tokens`` tokens fits an 8B base without recomputation); Liger's
-    RMSNorm/SwiGLU/RoPE kernels when installed; LoRA inputs without PEFT's fp32 round trip under autocast;
-    the LoRA product added into the base output inside one GEMM; metrics read at log time (cogumi.sft);
-    pinned non-blocking batch copies; fused AdamW. On a CPU: fp32, no packing, plain SDPA, the config as
-    written. Measured on one H100 (docs/benchmarks.md, baseline in the same run): user's recipe 1,127 ->
-    these defaults 11,626 real tokens/s (10.3x); the previous session's steps: dense-mask SDPA packing
-    5,785, varlen without Liger 8,450, + Liger 9,943, + LoRA autocast inputs 11,342.
+    (a micro-batch of ``micro_batch_tokens`` tokens fits an 8B base without recomputation); each decoder
+    layer compiled (``torch.compile``, where Triton is installed and nothing is recomputed), else Liger's
+    RMSNorm/SwiGLU/RoPE kernels when installed; LoRA inputs without PEFT's fp32 round trip under
+    autocast; the LoRA product added into the base output inside one GEMM; metrics read at log time
+    (cogumi.sft); pinned non-blocking batch copies; fused AdamW. On a CPU: fp32, no packing, plain SDPA,
+    the config as written. Measured on one H100 (docs/benchmarks.md, baseline in the same run): user's
+    recipe 1,466 -> these defaults 13,182 real tokens/s (8.99x; the same without compiling, with Liger:
+    11,673); earlier steps: dense-mask SDPA packing 5,785, varlen without Liger 8,450, + Liger 9,943,
+    + LoRA autocast inputs 11,342.
   * ``model_load_kwargs(settings)``: ``from_pretrained`` keyword arguments (dtype, attention). Registers
     the ``cogumi_varlen`` attention with transformers when it is chosen.
-  * ``apply_model_speedups(model, settings)``: Liger kernels on a loaded model (before PEFT wrapping).
+  * ``apply_model_speedups(model, settings)``: Liger kernels or compiled decoder layers and the LoRA
+    patches on a loaded model (before PEFT wrapping).
   * ``trainer_speed_kwargs(settings, training)``: SFTConfig keyword arguments (precision, packing,
     micro-batch and accumulation, checkpointing, optimizer, compile).
   * ``varlen_attention_forward``: the attention behind ``cogumi_varlen``. With TRL's padding-free
@@ -31,9 +34,9 @@ kernel) is not installable on every machine. PyTorch ships the varlen kernel its
 adapter from transformers' attention interface to it.
 
 Failure modes
-  * Liger or the varlen kernel missing: settings degrade to plain kernels / per-sequence SDPA (same
-    results, slower); ``liger: on`` without liger-kernel installed is silently off (reported in
-    ``SpeedSettings.notes``).
+  * Liger, Triton or the varlen kernel missing: settings degrade to plain kernels / eager layers /
+    per-sequence SDPA (same results, slower); ``liger: on`` without liger-kernel installed is off
+    (reported in ``SpeedSettings.notes``). A layer the compiler cannot handle runs eagerly, with a warning.
   * A padding-free batch with more than one row is refused (ValueError): it would mean the collator and
     the attention disagree on the layout.
 """
@@ -52,9 +55,10 @@ VARLEN_ATTENTION = "cogumi_varlen"
 BIG_GPU_GIB = 70
 
 # `cogumi train`'s defaults on one H100 80GB, Llama-3.1-8B shape (8.03B parameters), LoRA r=64 on the 7
-# projections, the benchmark's length profile (docs/benchmarks.md, 2026-11-25: 11,626 real tokens/s; the
-# same settings measured 10,444-12,077 on other machines of that kind). `cogumi estimate` starts from it.
-H100_TOKENS_PER_SECOND = 11626.0
+# projections, the benchmark's length profile (docs/benchmarks.md, 2026-11-25 final run: 13,182 real
+# tokens/s; without the compiled layers 10,444-12,561 on machines of that kind). `cogumi estimate` starts
+# from it.
+H100_TOKENS_PER_SECOND = 13182.0
 H100_MEASURED_PARAMS = 8.03e9
 MICRO_BATCH_TOKENS_NO_CKPT = 4096
 MICRO_BATCH_TOKENS_CKPT = 16384
