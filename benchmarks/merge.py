@@ -274,7 +274,6 @@ def main(argv=None) -> int:
         log(f"setup: base {base_bytes / 1e9:.2f} GB, adapter {sum(p.stat().st_size for p in adapter.iterdir()) / 1e6:.0f} MB "
             f"in {results['setup_s']}s ({work})")
 
-        from safetensors import safe_open
         index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"] \
             if (base / "model.safetensors.index.json").exists() else None
         layers = max(int(n.split(".")[2]) for n in (index or {}) if n.startswith("model.layers.")) if index else 1

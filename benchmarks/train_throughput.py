@@ -603,7 +603,8 @@ def main(argv=None) -> int:
                      "peak_gib": peak_gib(device)}
                 reset_peak(device)
             results["ablations"].append(r)
-            log(f"ablation: {json.dumps({k: v for k, v in r.items() if k not in ('step_times', 'step_tokens', 'speed', 'logged')})}")
+            shown = {k: v for k, v in r.items() if k not in ("step_times", "step_tokens", "speed", "logged")}
+            log(f"ablation: {json.dumps(shown)}")
             if args.out:
                 Path(args.out).write_text(json.dumps(results, indent=2))
         return model

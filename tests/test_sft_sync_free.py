@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from trainer_support import tiny_config, tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -17,26 +17,15 @@ def train_file(tmp_path_factory) -> Path:
 
 
 def _train(tmp_path, tiny_base, train_file, packing: str, sync_free: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cogumi.config import load_run_config
-    from cogumi.data import prepare_dataset
-    from cogumi.speed import model_load_kwargs, resolve_speed_settings
-    from cogumi.train import build_trainer
+    from cogumi.speed import resolve_speed_settings
 
     out = tmp_path / f"{packing}-{sync_free}"
-    cfg = load_run_config(CONFIG, [f"base_model={tiny_base}", f"data.train={train_file}", f"output_dir={out}",
-                                   f"training.packing={packing}", "training.max_length=192", "training.max_steps=3",
-                                   "training.logging_steps=3", "training.save_steps=2", "training.batch_size=2",
-                                   "training.grad_accum=3"])
+    cfg = tiny_config(tiny_base, train_file, out, f"training.packing={packing}", "training.max_length=192",
+                      "training.max_steps=3", "training.logging_steps=3", "training.save_steps=2",
+                      "training.batch_size=2", "training.grad_accum=3")
     speed = resolve_speed_settings(cfg.training)
     speed.sync_free_metrics = sync_free
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    data = prepare_dataset(cfg, tok)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, **model_load_kwargs(speed))
-    trainer = build_trainer(cfg, model=model, tokenizer=tok, train_dataset=data.train_dataset, speed=speed,
-                            callbacks=[])
+    trainer = tiny_trainer(tiny_base, cfg, speed=speed)
     assert type(trainer).__name__ == ("SyncFreeSFTTrainer" if sync_free else "SFTTrainer")
     trainer.train()
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}

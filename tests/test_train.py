@@ -15,8 +15,7 @@ import pytest
 import yaml
 
 from cogumi.cli import main
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+from trainer_support import CONFIG, tiny_config, tiny_trainer
 UNSLOTH = "unsloth/meta-llama-3.1-8b-instruct-unsloth-bnb-4bit"
 
 
@@ -288,22 +287,13 @@ def test_phase1b_on_a_merged_dir_records_its_lineage(tmp_path, tiny_base, train_
 @pytest.mark.parametrize("attn", ["auto", "sdpa"])
 def test_packed_rows_never_attend_to_each_other(tmp_path, tiny_base, train_file, attn):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cogumi.config import load_run_config
-    from cogumi.data import prepare_dataset
-    from cogumi.speed import model_load_kwargs, resolve_speed_settings
-    from cogumi.train import build_trainer
+    from cogumi.speed import resolve_speed_settings
 
-    cfg = load_run_config(CONFIG, [f"base_model={tiny_base}", f"data.train={train_file}",
-                                   f"output_dir={tmp_path / 'out'}", "training.packing=on",
-                                   f"training.attn_implementation={attn}", "training.max_length=256"])
+    cfg = tiny_config(tiny_base, train_file, tmp_path / "out", "training.packing=on",
+                      f"training.attn_implementation={attn}", "training.max_length=256")
     speed = resolve_speed_settings(cfg.training)
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    data = prepare_dataset(cfg, tok)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base, **model_load_kwargs(speed))
-    trainer = build_trainer(cfg, model=model, tokenizer=tok, train_dataset=data.train_dataset, speed=speed,
-                            callbacks=[])
+    trainer = tiny_trainer(tiny_base, cfg, speed=speed)
     batch = next(iter(trainer.get_train_dataloader()))
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1     # padding-free packs
     starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
@@ -364,25 +354,15 @@ def test_cli_turns_enospc_into_one_error_line(monkeypatch, capsys):
 
 def test_fixed_shape_packing_pads_every_micro_batch_and_keeps_the_loss(tmp_path, tiny_base, train_file):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cogumi.config import load_run_config
-    from cogumi.data import prepare_dataset
-    from cogumi.speed import model_load_kwargs, resolve_speed_settings
-    from cogumi.train import build_trainer
+    from cogumi.speed import resolve_speed_settings
 
-    cfg = load_run_config(CONFIG, [f"base_model={tiny_base}", f"data.train={train_file}",
-                                   f"output_dir={tmp_path / 'out'}", "training.packing=on", "training.max_length=128"])
-    tok = AutoTokenizer.from_pretrained(tiny_base)
-    data = prepare_dataset(cfg, tok)
+    cfg = tiny_config(tiny_base, train_file, tmp_path / "out", "training.packing=on", "training.max_length=128")
     batches, losses = {}, {}
     for fixed in (False, True):
         speed = resolve_speed_settings(cfg.training)
         speed.fixed_shapes, speed.micro_batch_tokens = fixed, 256
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_base, **model_load_kwargs(speed))
-        trainer = build_trainer(cfg, model=model, tokenizer=tok, train_dataset=data.train_dataset, speed=speed,
-                                callbacks=[])
+        trainer = tiny_trainer(tiny_base, cfg, speed=speed)
         batch = next(iter(trainer.get_train_dataloader()))
         batches[fixed] = batch
         with torch.no_grad():
@@ -399,26 +379,13 @@ def test_torch_compile_of_the_decoder_layers_trains_like_eager(tmp_path, tiny_ba
     """``training.torch_compile: true`` compiles each decoder layer (packed attention stays eager): same
     losses and adapter as eager (LoRA dropout 0: the compiled graph draws its own random numbers)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from cogumi.config import load_run_config
-    from cogumi.data import prepare_dataset
-    from cogumi.speed import model_load_kwargs, resolve_speed_settings
-    from cogumi.train import build_trainer
 
     results = {}
     for compiled in (False, True):
-        cfg = load_run_config(CONFIG, [f"base_model={tiny_base}", f"data.train={train_file}",
-                                       f"output_dir={tmp_path / str(compiled)}", "training.packing=on",
-                                       "training.max_length=128", "training.max_steps=2", "lora.dropout=0.0",
-                                       f"training.torch_compile={str(compiled).lower()}", "training.save_steps=100"])
-        speed = resolve_speed_settings(cfg.training)
-        tok = AutoTokenizer.from_pretrained(tiny_base)
-        data = prepare_dataset(cfg, tok)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(tiny_base, **model_load_kwargs(speed))
-        trainer = build_trainer(cfg, model=model, tokenizer=tok, train_dataset=data.train_dataset, speed=speed,
-                                callbacks=[])
+        cfg = tiny_config(tiny_base, train_file, tmp_path / str(compiled), "training.packing=on",
+                          "training.max_length=128", "training.max_steps=2", "lora.dropout=0.0",
+                          f"training.torch_compile={str(compiled).lower()}", "training.save_steps=100")
+        trainer = tiny_trainer(tiny_base, cfg)
         layers = trainer.model.get_base_model().model.layers
         assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in layers) == compiled
         trainer.train()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from typing import Any
 
 from cogumi.config import RunConfig, load_run_config
 from cogumi.errors import CogumiError

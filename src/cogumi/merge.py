@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator
 from cogumi.errors import CogumiError, RedFlagError
 from cogumi.lineage import (
     FLOAT_DTYPES, all_finite, INDEX_NAME, LLAMA_FAMILY, Finding, TensorEntry, adapter_lineage_findings, base_match_findings,
-    config_dtype, fingerprint, human_bytes, library_versions, quantization_findings, read_json_file,
+    fingerprint, human_bytes, library_versions, quantization_findings, read_json_file,
     read_manifest, read_model_config, recorded_base, red_findings, resolve_model_dir, scan_weight_files,
     unsupported_lora_options, weights_findings, write_manifest,
 )
@@ -520,7 +520,6 @@ class AdaptedWeights:
     def adapt(self, name: str, t, row_start: int = 0, *, check_finite: bool = False):
         """Apply trainable-token rows and (when merging) the LoRA delta to ``t`` = rows of ``name``;
         ``check_finite``: raise ``RedFlagError`` if the result holds NaN/Inf."""
-        import torch
         tok = self.adapter.token_rows.get(name)
         if tok is not None:
             idx, tname = tok
@@ -744,7 +743,8 @@ def merge_jobs(n_shards: int) -> int:
         try:
             jobs = int(raw)
         except ValueError:
-            raise CogumiError(f"COGUMI_MERGE_JOBS={raw!r}: expected a whole number of shards to merge at once") from None
+            raise CogumiError(f"COGUMI_MERGE_JOBS={raw!r}: expected a whole number of shards to merge at "
+                              "once") from None
     else:
         jobs = min(MAX_MERGE_JOBS, os.cpu_count() or 1)
     return max(1, min(jobs, n_shards))

@@ -45,7 +45,6 @@ naming the dotted key; relative paths resolve against the current directory, the
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import fcntl
 import hashlib

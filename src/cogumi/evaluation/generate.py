@@ -99,7 +99,6 @@ def generate_completions(model, tokenizer, conversations: list[list[dict]], *, m
                          batch_size: int = 32, static_cache: bool | str = "auto", **generate_kwargs) -> list[str]:
     """Greedy completions for ``conversations``, in their order. ``generate_kwargs`` go to
     ``model.generate`` (e.g. ``min_new_tokens`` for fixed-length benchmarks)."""
-    import torch
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
