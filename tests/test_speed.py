@@ -275,3 +275,33 @@ def test_gpu_utilization_reads_the_nvml_device_with_this_device_s_uuid(monkeypat
                         lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name)) if name == "pynvml"
                         else real_import(name, *a, **k))
     assert speed.gpu_utilization() is None            # without pynvml: None, no exception
+
+
+def test_uncompiled_runs_compiled_code_eagerly():
+    """What the held-out evaluation after a compiled training run relies on: inside ``uncompiled`` a
+    compiled module runs without compiling anything (no new graphs for the evaluation's shapes)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    class Block(torch.nn.Module):              # user code (dynamo does not compile torch's own modules as such)
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.relu(self.proj(x)) + x
+
+    torch._dynamo.reset()
+    module = Block()
+    module.compile(backend=counting_backend)
+    module(torch.randn(2, 4))
+    assert len(graphs) == 1
+    with torch.no_grad(), speed.uncompiled():
+        out = module(torch.randn(5, 4))                 # new shape and grad mode: would recompile
+    assert len(graphs) == 1 and out.shape == (5, 4)
+    with torch.no_grad():
+        module(torch.randn(5, 4))
+    assert len(graphs) == 2                             # the control: outside it does recompile

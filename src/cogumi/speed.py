@@ -43,6 +43,7 @@ Failure modes
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -294,10 +295,24 @@ def compile_decoder_layers(model) -> int:
     torch or transformers version), that code runs eagerly with a warning instead of stopping the run."""
     import torch
     torch._dynamo.config.suppress_errors = True
+    torch._dynamo.reset()      # a second training run in this process (Phase 1B) starts within the recompile limit
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+@contextlib.contextmanager
+def uncompiled():
+    """Run compiled code eagerly inside: the held-out evaluation after training, whose other shapes and
+    no-grad mode would otherwise recompile the layers' graph several times for a few batches."""
+    import torch
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 def install_lora_patches(model, *, autocast_inputs: bool = True, fused_add: bool = False) -> None:

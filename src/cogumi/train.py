@@ -29,6 +29,7 @@ that already holds a finished adapter or an interrupted run without ``--resume``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -716,7 +717,11 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
                 raise
             raise full from e
     wall = prior_wall + time.time() - t0
-    eval_metrics = trainer.evaluate() if data.eval_dataset is not None else None
+    eval_metrics = None
+    if data.eval_dataset is not None:
+        from cogumi.speed import uncompiled
+        with uncompiled() if speed.torch_compile else contextlib.nullcontext():
+            eval_metrics = trainer.evaluate()
 
     adapter_dir = out / "adapter"
     # Under FSDP the LoRA weights are sharded: gather them (a collective, every rank) before rank 0 saves.
