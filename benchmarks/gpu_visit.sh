@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_visit.sh train    # env check, train A/B + parity, B without compiling (Liger); PROFILE=1: B profiled
 #   bash benchmarks/gpu_visit.sh merge    # env check, the 8B merge benchmark (copy, cogumi, PEFT)
 #   bash benchmarks/gpu_visit.sh final    # train (as in train), then the merge benchmark (no j1 variant)
+#   bash benchmarks/gpu_visit.sh cli      # `cogumi demo` end to end on the GPU (tiny model, GPU defaults)
 #
 # Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
 # so one failing or slow part never stops the rest. Logs and JSON go to $OUT (default /tmp/cogumi-gpu-out);
@@ -144,18 +145,23 @@ case "$MODE" in
     part train 320 $PY benchmarks/train_throughput.py --ablate-after "torch_compile=off" --out "$OUT/train.json"
     part merge 330 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi,peft-cpu --out "$OUT/merge.json"
     ;;
+  cli)
+    part env 60 $PY "$ENV_CHECK"
+    part demo 480 $PY -m cogumi demo --out /tmp/cogumi-demo-run
+    cp /tmp/cogumi-demo-run/summary.json "$OUT/demo_summary.json" 2>/dev/null
+    ;;
   merge)
     part env 60 $PY "$ENV_CHECK"
     part merge 540 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi-nofid-j1,cogumi,peft-cpu \
       --out "$OUT/merge.json"
     ;;
-  *) echo "usage: $0 full|probe|smoke|train|merge|final"; exit 2 ;;
+  *) echo "usage: $0 full|probe|smoke|train|merge|final|cli"; exit 2 ;;
 esac
 
 echo
 echo "================ summary ($MODE, $(( $(date +%s) - START ))s) ================"
 cat "$OUT/summary.txt"
-for f in train generate merge agreement parity flex; do
+for f in train generate merge agreement parity flex demo; do
   [ -f "$OUT/$f.log" ] || continue
   echo "--- $f"
   grep -E '^\||B/A|4N limit|^parity:|cogumi/loop|PARITY|^merge|Error|error:' "$OUT/$f.log" | grep -v Warning | tail -n 22
