@@ -443,3 +443,23 @@ def test_merge_jobs_setting(monkeypatch):
     assert merge_jobs(4) == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert merge_jobs(4) == 4 and merge_jobs(2) == 2
+
+
+def test_fidelity_check_after_training_turned_tf32_on(bf16_merge, tmp_path):
+    """In the pipeline a merge follows training in one process; training turns TF32 on through torch's
+    new per-backend API (transformers' tf32=True), after which torch refuses the legacy precision getter.
+    The fidelity check must still force full fp32 and then put the training setting back."""
+    import torch
+
+    from cogumi.merge import exact_fp32, merge_adapter
+    adapter, _, _ = bf16_merge
+    before = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.fp32_precision = "tf32"
+    try:
+        with exact_fp32():
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        manifest = merge_adapter(adapter, tmp_path / "merged", max_shard_bytes=100_000, log=lambda *_: None)
+        assert manifest["fidelity"]["passed"]
+    finally:
+        torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before

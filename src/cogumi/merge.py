@@ -962,8 +962,21 @@ class Stream:
 
 @contextlib.contextmanager
 def exact_fp32():
-    """fp32 matmuls in full precision for the duration (TF32 would blur the comparison on a GPU)."""
+    """fp32 matmuls in full precision for the duration (TF32 would blur the comparison on a GPU).
+
+    Through torch's per-backend ``fp32_precision`` setting where it exists (torch >= 2.9): training
+    turns TF32 on with it (transformers' ``tf32=True``), and once it is used torch refuses the legacy
+    ``get_float32_matmul_precision`` -- a merge after training in one process (the pipeline) failed so."""
     import torch
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = before
+        return
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
