@@ -896,16 +896,17 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
     chunk_bytes = max(1 << 20, inflight_bytes // (8 * jobs))
     syncer = ThreadPoolExecutor(1, thread_name_prefix="cogumi-merge-fsync")
     synced: list = []
-    written = [0]
+    written = 0
 
     def finisher(si: int):
         def finish(out: SafetensorsStreamWriter) -> None:
             def sync_close():
+                nonlocal written
                 out.close()
-                written[0] += 1                 # only the one fsync thread counts
+                written += 1                    # only the one fsync thread counts
                 log(f"merge: wrote {shards[si].file} ({human_bytes(shards[si].nbytes)}, "
                     f"{len(shards[si].tensors)} tensors)")
-                if kill_after and written[0] >= kill_after:
+                if kill_after and written >= kill_after:
                     os.kill(os.getpid(), signal.SIGKILL)
             synced.append(syncer.submit(sync_close))
         return finish
@@ -926,9 +927,8 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
     finally:
         syncer.shutdown(wait=True)
     failures = [f.exception() for f in futures if not f.cancelled() and f.exception()]
-    real = [e for e in failures if not isinstance(e, _Stopped)]
-    if real or failures:
-        raise (real or failures)[0]
+    if failures:                        # the shard that failed, not one that stopped because of it
+        raise next((e for e in failures if not isinstance(e, _Stopped)), failures[0])
     for f in synced:
         f.result()                      # an fsync's error (ENOSPC, EIO) fails the merge
     return {"lora_modules_merged": sum(f.result() for f in futures), "jobs": jobs,
@@ -970,19 +970,18 @@ def exact_fp32():
     import torch
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+        get, full = (lambda: matmul.fp32_precision), "ieee"
+
+        def put(value):
+            matmul.fp32_precision = value
+    else:
+        get, put, full = torch.get_float32_matmul_precision, torch.set_float32_matmul_precision, "highest"
+    before = get()
+    put(full)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        put(before)
 
 
 def compute_device() -> str:

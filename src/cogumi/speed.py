@@ -302,17 +302,13 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-@contextlib.contextmanager
 def uncompiled():
-    """Run compiled code eagerly inside: the held-out evaluation after training, whose other shapes and
-    no-grad mode would otherwise recompile the layers' graph several times for a few batches."""
+    """A context in which compiled code runs eagerly (nothing changes where nothing is compiled): the
+    held-out evaluation after training, whose other shapes and no-grad mode would otherwise recompile the
+    layers' graph several times for a few batches."""
     import torch
     set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None:
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def install_lora_patches(model, *, autocast_inputs: bool = True, fused_add: bool = False) -> None:

@@ -29,7 +29,6 @@ that already holds a finished adapter or an interrupted run without ``--resume``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -720,7 +719,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     eval_metrics = None
     if data.eval_dataset is not None:
         from cogumi.speed import uncompiled
-        with uncompiled() if speed.torch_compile else contextlib.nullcontext():
+        with uncompiled():
             eval_metrics = trainer.evaluate()
 
     adapter_dir = out / "adapter"
