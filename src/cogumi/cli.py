@@ -66,7 +66,7 @@ def cmd_eval(a) -> int:
                         reference=a.reference, judge=a.judge, judge_model=a.judge_model, out=a.out,
                         batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, base=a.base,
                         endpoint=a.endpoint, api_model=a.api_model, few_shot=a.few_shot,
-                        workers=a.workers, timeout=a.timeout, overwrite=a.overwrite)
+                        workers=a.workers, timeout=a.timeout, overwrite=a.overwrite, prompt=a.prompt)
 
 
 def cmd_compare(a) -> int:
@@ -159,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--n", type=int, default=None, help="items per task (deterministic sample)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--data", action="append", metavar="TASK=FILE", help="local benchmark file for a task")
-    sp.add_argument("--reference", help="predictions file/dir, model dir, or openai:MODEL")
+    sp.add_argument("--reference", help="predictions file/dir, an eval run dir, model dir, or openai:MODEL")
+    sp.add_argument("--prompt", default=None, metavar="NAME|FILE",
+                    help="prompt set: default (chat wrappers; MBPP with all its test asserts), chat, training "
+                         "(the bare question, as training rows render it), or a YAML file (docs/evaluation.md)")
     sp.add_argument("--judge", choices=["exact", "llm"], default="exact")
     sp.add_argument("--judge-model", default=None, help="model name for --judge llm (OpenAI-compatible)")
     sp.add_argument("--endpoint", default=None, help="base URL of an OpenAI-compatible API (default: OPENAI_BASE_URL)")

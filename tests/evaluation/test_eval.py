@@ -130,7 +130,7 @@ def test_adapter_candidate_against_its_base_as_reference(tiny_base, gsm, tmp_pat
 def test_local_generation_resumes_after_interrupt(tiny_base, gsm, tmp_path, monkeypatch):
     calls = []
     kill_armed = True
-    real = generate_mod.generate_completions
+    real = generate_mod.generate
 
     def interrupting(model, tok, conversations, **kw):
         calls.append(len(conversations))
@@ -138,7 +138,7 @@ def test_local_generation_resumes_after_interrupt(tiny_base, gsm, tmp_path, monk
             raise Killed  # a dying machine, between two chunks
         return real(model, tok, conversations, **kw)
 
-    monkeypatch.setattr(generate_mod, "generate_completions", interrupting)
+    monkeypatch.setattr(generate_mod, "generate", interrupting)
     out = tmp_path / "run"
     kwargs = dict(tasks=["gsm8k"], out=out, n=20, data={"gsm8k": str(gsm)}, max_new_tokens=4, batch_size=1,
                   reference=str(reference_file(tmp_path, gsm)), log=lambda m: None)

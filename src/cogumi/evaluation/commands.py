@@ -2,7 +2,8 @@
 
 Features:
   * ``eval_command``: ``runner.run_eval`` plus a per-task table: n, wins / ties / losses with % and
-    95% Wilson intervals, infrastructure errors, accuracy of both sides.
+    95% Wilson intervals, infrastructure errors, accuracy of both sides, and how many answers hit the
+    token limit (``truncated_rate``) with the mean repetition of each side; the header names the prompt set.
   * ``compare_command RUN_A RUN_B``: paired comparison on the same items (matched by task + task_id;
     says how many matched and how many prompts differ), per task and overall: correctness of A vs B
     with the exact McNemar p-value, and how outcomes moved (e.g. tie -> loss).
@@ -37,19 +38,36 @@ def _cell(k: int, n: int) -> str:
     return f"{k} {100 * k / n:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}]"
 
 
+def _pct(rate) -> str:
+    return "-" if rate is None else f"{100 * rate:.0f}%"
+
+
+def _finish_cell(truncated_rate, repetition_mean) -> str:
+    """'15%/0.04': share of answers cut off at the token limit / mean repeated-4-gram share."""
+    rep = "-" if repetition_mean is None else f"{repetition_mean:.2f}"
+    return f"{_pct(truncated_rate)}/{rep}"
+
+
 def format_eval_table(summary: dict) -> str:
     judge = summary.get("judge") or {}
+    prompt = summary.get("prompt") or {}
     head = (f"model {summary.get('model')}  vs  reference {summary.get('reference') or '(none)'}  "
             f"judge {judge.get('kind')}{' ' + judge['model'] if judge.get('model') else ''}")
-    lines = [head, "(counts, % of judged items, 95% Wilson interval)",
+    if prompt:
+        head += f"  prompts {prompt.get('name')} ({str(prompt.get('sha256', ''))[:12]})"
+    lines = [head, "(counts, % of judged items, 95% Wilson interval; trunc/rep: share of answers cut off at "
+                   "--max-new-tokens / mean share of repeated 4-grams)",
              f"{'task':<10} {'n':>4} {'judged':>6}  {'wins':<16} {'ties':<16} {'losses':<16} {'infra':>5}  "
-             f"{'accuracy':<16} {'ref acc':>7}"]
+             f"{'accuracy':<16} {'ref acc':>7}  {'trunc/rep':>9} {'ref t/r':>9}"]
     for task, t in (summary.get("tasks") or {}).items():
         ref_acc = t.get("reference_accuracy")
+        ref_finish = "-" if summary.get("reference") is None else \
+            _finish_cell(t.get("reference_truncated_rate"), t.get("reference_repetition_mean"))
         lines.append(
             f"{task:<10} {t['n']:>4} {t['judged']:>6}  {_cell(t['wins'], t['judged']):<16} "
             f"{_cell(t['ties'], t['judged']):<16} {_cell(t['losses'], t['judged']):<16} {t['infra_errors']:>5}  "
-            f"{_cell(t['correct'], t['checked']):<16} {'-' if ref_acc is None else f'{100 * ref_acc:.0f}%':>7}")
+            f"{_cell(t['correct'], t['checked']):<16} {_pct(ref_acc):>7}  "
+            f"{_finish_cell(t.get('truncated_rate'), t.get('repetition_mean')):>9} {ref_finish:>9}")
         if t["ties"]:
             extra = f"   ties: both right {t['ties_both_right']}, both wrong {t['ties_both_wrong']}"
             if judge.get("kind") == "llm":
@@ -60,13 +78,13 @@ def format_eval_table(summary: dict) -> str:
 
 def eval_command(model, *, tasks, n=None, seed=0, data=None, reference=None, judge="exact", judge_model=None,
                  out, batch_size=32, max_new_tokens=512, base=None, endpoint=None, api_model=None, few_shot=0,
-                 workers=None, timeout=10.0, overwrite=False) -> int:
+                 workers=None, timeout=10.0, overwrite=False, prompt=None) -> int:
     from cogumi.evaluation.runner import run_eval
 
     summary = run_eval(model, tasks=tasks, out=out, n=n, seed=seed, data=data, reference=reference, judge=judge,
                        judge_model=judge_model, batch_size=batch_size, max_new_tokens=max_new_tokens, base=base,
                        endpoint=endpoint, api_model=api_model, few_shot=few_shot, workers=workers, timeout=timeout,
-                       overwrite=overwrite)
+                       overwrite=overwrite, prompt=prompt)
     print(format_eval_table(summary))
     print(f"results: {Path(out) / 'results.jsonl'}  summary: {Path(out) / 'summary.json'}")
     return 0

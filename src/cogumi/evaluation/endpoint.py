@@ -3,13 +3,19 @@
 Features:
   * ``parse_endpoint_spec("openai:MODEL[@URL]")``: a model served behind an OpenAI-compatible API.
     The base URL comes from ``@URL``, else ``--endpoint``, else ``OPENAI_BASE_URL``, else OpenAI's.
-  * ``ChatEndpoint.complete(messages, max_tokens=...)`` -> the reply text, greedy (temperature 0).
+  * ``ChatEndpoint.complete(messages, max_tokens=..., stop=None)`` -> the reply text, greedy (temperature
+    0); ``.reply(...)`` -> ``Reply(text, finish_reason)`` (the server's ``"stop"`` / ``"length"`` / ...;
+    ``"length"`` means the answer hit ``max_tokens``). ``stop`` sequences are sent as the API's ``stop=``
+    (at most ``MAX_API_STOPS``, OpenAI's limit); a model that refuses the parameter (HTTP 400 naming it,
+    like OpenAI's reasoning models) is asked again without it, once per endpoint. The caller trims the
+    text at the stops itself (``finish.trim_at_stop``): servers differ in whether they do.
     Retried with exponential backoff (``RetryPolicy``: base delay, cap, jitter) on 408/409/429/5xx,
     timeouts, dropped connections, and 200 responses whose body is truncated or breaks the
     chat-completion schema. ``Retry-After`` / ``retry-after-ms`` headers are honoured (capped).
   * A retry budget shared by every request of a run, so a flaky API cannot multiply the bill.
   * ``ResponseCache``: append-only JSONL, one fsync'd record per answer, keyed by content
     (``cache_key(model, messages, params)``); a torn last line (kill -9 mid-write) is dropped on open.
+    ``cached_reply`` / ``cached_complete``: ask at most once ever (records keep the finish_reason).
     Everything asked once is never paid for again, and an interrupted run resumes for free.
   * The API key is read from ``OPENAI_API_KEY`` only, handed to the client in memory, and redacted
     from every message cogumi prints (``redact``). It is never part of a cache key or record.
@@ -44,6 +50,13 @@ from cogumi.errors import CogumiError, DataError
 API_KEY_ENV = "OPENAI_API_KEY"
 BASE_URL_ENV = "OPENAI_BASE_URL"
 SPEC_PREFIX = "openai:"
+MAX_API_STOPS = 4       # OpenAI's chat API takes at most 4 stop sequences; the rest are trimmed locally
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    finish_reason: str | None   # as the server says ("stop", "length", ...); None when it does not
 
 
 class EndpointUnavailable(CogumiError):
@@ -257,6 +270,7 @@ class ChatEndpoint:
         self.budget = budget_counter or RetryBudget(self.policy.budget)
         self.stats = EndpointStats()
         self._lock = threading.Lock()
+        self._send_stop = True       # False once the model refused the stop parameter
         self._client = openai.OpenAI(api_key=api_key_from_env(), base_url=spec.base_url,
                                      max_retries=0, timeout=self.policy.request_timeout)
 
@@ -264,7 +278,10 @@ class ChatEndpoint:
     def where(self) -> str:
         return f"{self.spec.label} at {safe_url(self.spec.base_url) or 'the OpenAI API'}"
 
-    def complete(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0) -> str:
+    def complete(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, stop=None) -> str:
+        return self.reply(messages, max_tokens=max_tokens, temperature=temperature, stop=stop).text
+
+    def reply(self, messages: list[dict], *, max_tokens: int, temperature: float = 0.0, stop=None) -> Reply:
         import openai
 
         last = "no attempt made"
@@ -275,7 +292,7 @@ class ChatEndpoint:
                 self.stats.requests += 1
                 self.stats.retries += 1 if attempt else 0
             try:
-                return self._once(messages, max_tokens, temperature)
+                return self._once(messages, max_tokens, temperature, stop)
             except _Retryable as e:
                 last = e.kind
                 retry_after = e.retry_after
@@ -294,6 +311,9 @@ class ChatEndpoint:
                                               f"(check --endpoint / {BASE_URL_ENV} and the model name): {detail}") from None
                 if status in (408, 409, 429) or status >= 500:
                     last, retry_after = f"HTTP {status}", _retry_after_seconds(e.response.headers)
+                elif status == 400 and stop and self._send_stop and "stop" in detail.lower():
+                    self._send_stop = False   # e.g. "Unsupported parameter: 'stop'": trimmed locally instead
+                    return self.reply(messages, max_tokens=max_tokens, temperature=temperature, stop=stop)
                 else:
                     raise RequestFailed(f"{self.where}: HTTP {status}: {detail}") from None
             with self._lock:
@@ -306,16 +326,18 @@ class ChatEndpoint:
             f"{self.where}: still failing after {self.policy.max_attempts} attempts (last: {last}). "
             f"Answers received so far are cached; run the same command again to resume.")
 
-    def _once(self, messages, max_tokens, temperature) -> str:
+    def _once(self, messages, max_tokens, temperature, stop) -> Reply:
         import openai
 
+        extra = {"stop": list(stop)[:MAX_API_STOPS]} if stop and self._send_stop else {}
         try:
             resp = self._client.chat.completions.create(
-                model=self.spec.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+                model=self.spec.model, messages=messages, max_tokens=max_tokens, temperature=temperature, **extra)
         except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError) as e:
             raise _Retryable(f"malformed response ({type(e).__name__})") from None
         try:
             content = resp.choices[0].message.content
+            finish = resp.choices[0].finish_reason
         except (AttributeError, IndexError, KeyError, TypeError):
             raise _Retryable("malformed response (not a chat completion)") from None
         if not isinstance(content, str):
@@ -325,7 +347,7 @@ class ChatEndpoint:
             self.stats.answered += 1
             self.stats.prompt_tokens += int(getattr(usage, "prompt_tokens", 0) or 0)
             self.stats.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0)
-        return content
+        return Reply(content, finish if isinstance(finish, str) else None)
 
 
 class RetryBudget:
@@ -345,13 +367,24 @@ class RetryBudget:
             self.used += 1
 
 
-def cached_complete(endpoint: ChatEndpoint, cache: ResponseCache, messages: list[dict], *,
-                    max_tokens: int, kind: str) -> tuple[str, bool]:
-    """The endpoint's reply to ``messages``, asked at most once ever: (text, came_from_cache)."""
-    key = cache_key(endpoint.spec.label, messages, {"max_tokens": max_tokens, "temperature": 0.0, "kind": kind})
+def cached_reply(endpoint: ChatEndpoint, cache: ResponseCache, messages: list[dict], *,
+                 max_tokens: int, kind: str, stop=None) -> tuple[Reply, bool]:
+    """The endpoint's reply to ``messages``, asked at most once ever: (reply, came_from_cache)."""
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "kind": kind}
+    if stop:
+        params["stop"] = list(stop)
+    key = cache_key(endpoint.spec.label, messages, params)
     hit = cache.get(key)
     if hit is not None:
-        return hit["text"], True
-    text = endpoint.complete(messages, max_tokens=max_tokens)
-    cache.put(key, {"text": text, "model": endpoint.spec.label, "kind": kind})
-    return text, False
+        return Reply(hit["text"], hit.get("finish_reason")), True
+    reply = endpoint.reply(messages, max_tokens=max_tokens, stop=stop)
+    cache.put(key, {"text": reply.text, "finish_reason": reply.finish_reason, "model": endpoint.spec.label,
+                    "kind": kind})
+    return reply, False
+
+
+def cached_complete(endpoint: ChatEndpoint, cache: ResponseCache, messages: list[dict], *,
+                    max_tokens: int, kind: str, stop=None) -> tuple[str, bool]:
+    """``cached_reply``'s text: (text, came_from_cache)."""
+    reply, hit = cached_reply(endpoint, cache, messages, max_tokens=max_tokens, kind=kind, stop=stop)
+    return reply.text, hit

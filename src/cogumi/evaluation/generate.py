@@ -3,9 +3,12 @@
 Contract used by the rest of evaluation/:
   ``load_candidate(model, base=None) -> (model, tokenizer)``: a model dir / hub id, or an adapter dir
   (base + adapter applied unmerged), loaded in its own dtype -- never silently quantized.
-  ``generate_completions(model, tokenizer, conversations, max_new_tokens, batch_size) -> list[str]``:
+  ``generate(model, tokenizer, conversations, max_new_tokens, batch_size, stop=None) -> list[Generation]``:
   ``conversations`` is a list of chat message lists; rendered with the tokenizer's chat template
-  (add_generation_prompt), left-padded, greedy; returns only the new text, special tokens stripped.
+  (add_generation_prompt), left-padded, greedy; each ``Generation`` holds only the new text (special tokens
+  stripped, cut before the first stop sequence) and why it ended: ``"eos"``, ``"stop"`` (a stop sequence)
+  or ``"length"`` (``max_new_tokens`` reached: the answer is truncated).
+  ``generate_completions(...) -> list[str]``: the texts alone.
 
 Features
   * Prompts sorted longest first and batched, so batches hold similar lengths and the biggest batch
@@ -21,6 +24,11 @@ Features
     benchmarks/generate_throughput.py (docs/benchmarks.md).
   * Greedy decoding everywhere: batching changes no answer beyond the floating-point noise of the device
     (tests/test_generate.py checks batched == one-at-a-time exactly on the tiny fp32 model).
+  * Stop sequences (``stop``: one list for every conversation, or one list per conversation): a row stops
+    as soon as its NEW text contains one (transformers' ``StopStringCriteria``, which matches strings
+    across token boundaries, applied to the generated tokens only -- text that merely ends the prompt, like
+    a chat template's newline, never counts); the text is cut before it. Conversations with different stop
+    lists are generated in separate batches.
 
 Failure modes
   * If the compiled static-cache path raises (an unsupported model or PEFT layer, a compiler error), the
@@ -30,9 +38,16 @@ Failure modes
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 PROMPT_WIDTH_MULTIPLE = 64
+
+
+@dataclass
+class Generation:
+    text: str            # the new text, special tokens stripped, cut before the first stop sequence
+    finish_reason: str   # "eos" | "stop" | "length" (hit max_new_tokens: truncated)
 
 
 def _refuse_lying_dtype(model: str) -> None:
@@ -96,44 +111,110 @@ def _round_up(n: int, k: int) -> int:
 
 
 def generate_completions(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 512,
-                         batch_size: int = 32, static_cache: bool | str = "auto", **generate_kwargs) -> list[str]:
-    """Greedy completions for ``conversations``, in their order. ``generate_kwargs`` go to
-    ``model.generate`` (e.g. ``min_new_tokens`` for fixed-length benchmarks)."""
+                         batch_size: int = 32, static_cache: bool | str = "auto", stop=None,
+                         **generate_kwargs) -> list[str]:
+    """Greedy completions for ``conversations``, in their order (the texts of ``generate``)."""
+    return [g.text for g in generate(model, tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size, static_cache=static_cache, stop=stop, **generate_kwargs)]
 
+
+def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_tokens: int = 512, batch_size: int = 32,
+             static_cache: bool | str = "auto", stop=None, **generate_kwargs) -> list[Generation]:
+    """Greedy generations for ``conversations``, in their order. ``stop``: a list of stop sequences for
+    all, or one list per conversation. ``generate_kwargs`` go to ``model.generate`` (e.g.
+    ``min_new_tokens`` for fixed-length benchmarks)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not conversations:
         return []
     prompts = render_prompts(tokenizer, conversations)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     device = next(model.parameters()).device
     fast = (device.type == "cuda") if static_cache == "auto" else bool(static_cache)
     batch_size = max(1, min(batch_size, len(prompts)))
-    width = _round_up(max(len(p) for p in prompts), PROMPT_WIDTH_MULTIPLE)
-    out: list[str] = [""] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [prompts[i] for i in idx]
-        if fast:        # one shape for every batch: one compilation, replayed
-            rows = rows + [rows[-1]] * (batch_size - len(rows))
-            ids, mask = _left_pad(rows, width, tokenizer.pad_token_id, device)
-        else:
-            ids, mask = _left_pad(rows, max(len(r) for r in rows), tokenizer.pad_token_id, device)
-        new = _generate(model, ids, mask, max_new_tokens, tokenizer.pad_token_id, fast, generate_kwargs)
-        for i, row in zip(idx, new):
-            out[i] = tokenizer.decode(row, skip_special_tokens=True)
+    width = _round_up(max(len(p) for p in prompts), PROMPT_WIDTH_MULTIPLE)   # one shape for every batch
+    eos = set(_eos_ids(model)) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    out: list[Generation | None] = [None] * len(prompts)
+    for stops, group in _stop_groups(stop, len(prompts)).items():
+        criteria = _stop_criteria(tokenizer, stops) if stops else None
+        order = sorted(group, key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [prompts[i] for i in idx]
+            if fast:        # one shape for every batch: one compilation, replayed
+                rows = rows + [rows[-1]] * (batch_size - len(rows))
+                ids, mask = _left_pad(rows, width, tokenizer.pad_token_id, device)
+            else:
+                ids, mask = _left_pad(rows, max(len(r) for r in rows), tokenizer.pad_token_id, device)
+            new = _generate(model, ids, mask, max_new_tokens, tokenizer.pad_token_id, fast, generate_kwargs,
+                            criteria)
+            for i, row in zip(idx, new):
+                out[i] = _finished(tokenizer, row.tolist(), stops, eos, max_new_tokens)
     return out
 
 
-def _generate(model, ids, mask, max_new_tokens: int, pad_id: int, fast: bool, generate_kwargs: dict):
+def _stop_groups(stop, n: int) -> dict[tuple[str, ...], list[int]]:
+    """Conversation indexes grouped by their stop sequences (one batch never mixes two lists)."""
+    if not stop:
+        per_row = [()] * n
+    elif all(isinstance(s, str) for s in stop):
+        per_row = [tuple(stop)] * n
+    else:
+        if len(stop) != n:
+            raise ValueError(f"{n} conversations but {len(stop)} stop lists")
+        per_row = [tuple(s or ()) for s in stop]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, stops in enumerate(per_row):
+        groups.setdefault(tuple(s for s in stops if s), []).append(i)
+    return groups
+
+
+def _stop_criteria(tokenizer, stops: tuple[str, ...]):
+    """transformers' StopStringCriteria: finds a stop string however the tokens split it."""
+    from transformers import StopStringCriteria
+    return StopStringCriteria(tokenizer, list(stops))
+
+
+def _finished(tokenizer, row: list[int], stops: tuple[str, ...], eos: set[int], max_new_tokens: int) -> Generation:
+    from cogumi.evaluation.finish import trim_at_stop
+    end = next((k + 1 for k, t in enumerate(row) if t in eos), None)
+    real = row[:end] if end is not None else row
+    text, stopped = trim_at_stop(tokenizer.decode(real, skip_special_tokens=True), stops)
+    if stopped:
+        reason = "stop"
+    elif end is not None:
+        reason = "eos"
+    elif len(row) >= max_new_tokens:
+        reason = "length"
+    else:   # ended early without end-of-sequence: only a stop criterion does that
+        reason = "stop"
+    return Generation(text, reason)
+
+
+class _AfterColumn:
+    """A stopping criterion for ``model.generate``: ``criteria`` applied to the tokens after column
+    ``start`` -- the generated ones, since left padding starts every row's new tokens there."""
+
+    def __init__(self, criteria, start: int):
+        self.criteria, self.start = criteria, start
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return self.criteria(input_ids[:, self.start:], scores)
+
+
+def _generate(model, ids, mask, max_new_tokens: int, pad_id: int, fast: bool, generate_kwargs: dict,
+              stop=None):
     import torch
+    from transformers import StoppingCriteriaList
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, **generate_kwargs)
+    if stop is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_AfterColumn(stop, ids.shape[1])])
     with torch.inference_mode():
         if fast and _plain_greedy(model, generate_kwargs):
             try:
                 with decode_attention(model):
                     return _greedy_static(model, ids, mask, max_new_tokens, pad_id,
-                                          int(generate_kwargs.get("min_new_tokens") or 0))
+                                          int(generate_kwargs.get("min_new_tokens") or 0),
+                                          stop)
             except Exception as e:   # an unsupported model/cache/compiler: the library's loop instead
                 warnings.warn(f"cogumi's static greedy loop failed ({type(e).__name__}: {e}); "
                               "using model.generate with a static cache")
@@ -227,9 +308,10 @@ def _eos_ids(model) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
 
 
-def _greedy_static(model, ids, mask, max_new_tokens: int, pad_id: int, min_new_tokens: int = 0):
+def _greedy_static(model, ids, mask, max_new_tokens: int, pad_id: int, min_new_tokens: int = 0, stop=None):
     """Greedy decoding with a static KV cache and a compiled one-token step; the same tokens as
     ``model.generate(do_sample=False)`` (new tokens only; pad after a row's end-of-sequence token).
+    ``stop(new_tokens, None) -> bool per row``: rows for which it is true are finished too (stop sequences).
 
     The GPU is asked whether every row has finished only every ``CHECK_EVERY`` tokens, so the host runs
     ahead of the device instead of waiting for it after each token.
@@ -266,6 +348,8 @@ def _greedy_static(model, ids, mask, max_new_tokens: int, pad_id: int, min_new_t
         tokens[:, t] = nxt
         if eos.numel():
             unfinished &= ~torch.isin(nxt, eos)
+        if stop is not None:
+            unfinished &= ~stop(tokens[:, :t + 1], None)
         if t == max_new_tokens - 1 or ((t + 1) % CHECK_EVERY == 0 and not bool(unfinished.any())):
             return tokens[:, :t + 1]
         out = step(input_ids=nxt[:, None], attention_mask=full_mask, position_ids=n_real + t, use_cache=True,

@@ -4,8 +4,19 @@ Features:
   * Candidate and reference are each one of: a local model dir, an adapter dir (base + adapter,
     unmerged), a hub id (``generate.load_candidate``: own dtype, never silently quantized; batched
     greedy generation), an endpoint ``openai:MODEL[@URL]`` (``endpoint.ChatEndpoint``), or a
-    predictions file / dir (JSONL ``{task_id, completion}`` [+ ``task``], or ``TASK.jsonl`` per task;
-    an eval run's ``results.jsonl`` works too).
+    predictions file / dir (JSONL ``{task_id, completion}`` [+ ``task``, ``truncated``], or ``TASK.jsonl``
+    per task), or another eval run (its dir or ``results.jsonl``: its completions and ``truncated`` are
+    read; a warning says how many of its items were asked with a different prompt).
+  * Prompts come from a prompt set (``prompt=``: ``prompts.resolve`` -- the default set, a built-in name
+    or a YAML file); every row and the summary record which (name, source, sha256).
+  * Stop sequences per task (``prompt_set.stops(task)``): local generation stops there, endpoints get
+    them as ``stop=``, and every completion -- generated, cached or read from predictions -- is cut
+    before the first one (``finish.trim_at_stop``).
+  * Truncation and looping are recorded per row: ``finish_reason`` (local ``eos``/``stop``/``length``,
+    an endpoint's own), ``truncated`` (hit ``max_new_tokens`` with no stop; ``null`` when unknown, as for
+    predictions files) and ``repetition`` (``finish.repetition``: share of repeated word 4-grams); the
+    summary has per task ``truncated_rate``, ``repetition_mean`` and the reference's
+    ``reference_truncated_rate`` / ``reference_repetition_mean``.
   * Every generated answer goes to ``OUT/cache/generations.jsonl`` and every judgment to
     ``OUT/cache/judgments.jsonl`` as soon as it exists, keyed by content (model identity -- a weights
     fingerprint for local models -- plus the prompt and generation settings). A run killed at any
@@ -29,15 +40,17 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from cogumi import __version__
 from cogumi.errors import CogumiError, ConfigError, DataError
+from cogumi.evaluation import finish as finish_mod
+from cogumi.evaluation import prompts as prompts_mod
 from cogumi.evaluation import tasks as tasks_mod
 from cogumi.evaluation.endpoint import (ChatEndpoint, RequestFailed, ResponseCache, RetryBudget, RetryPolicy,
-                                        cache_key, cached_complete, is_endpoint_spec, parse_endpoint_spec,
+                                        cache_key, cached_reply, is_endpoint_spec, parse_endpoint_spec,
                                         redact, safe_url)
 from cogumi.evaluation.judge import LLMJudge, exact_outcome
 from cogumi.evaluation.stats import wilson_interval
@@ -58,20 +71,54 @@ def _stderr(msg: str) -> None:
 class Completions:
     texts: list[str | None]
     errors: list[str | None]
+    finish_reasons: list[str | None] = field(default_factory=list)   # as generated; [] = all unknown
+    truncated: list[bool | None] = field(default_factory=list)       # known already (another eval run)
+
+    def settle(self, stops: list[tuple[str, ...]]) -> "Completions":
+        """Texts cut at their stop sequences; ``truncated`` from the finish reason where not known."""
+        n = len(self.texts)
+        finish = self.finish_reasons or [None] * n
+        known = self.truncated or [None] * n
+        texts, truncated = [], []
+        for text, reason, was, stop in zip(self.texts, finish, known, stops):
+            cut, stopped = finish_mod.trim_at_stop(text, stop)
+            texts.append(cut)
+            truncated.append(None if text is None else was if was is not None
+                             else finish_mod.is_truncated(reason, stopped))
+        return Completions(texts, self.errors, list(finish), truncated)
+
+
+@dataclass
+class Prediction:
+    completion: str | None
+    truncated: bool | None = None
+    finish_reason: str | None = None
+    prompt: str | None = None          # what the item was asked (rows of another eval run)
 
 
 class PredictionsSide:
-    """Completions made elsewhere: a JSONL file or a dir with one TASK.jsonl per task."""
+    """Completions made elsewhere: a JSONL file, a dir with one TASK.jsonl per task, or an eval run."""
 
     kind = "predictions"
 
     def __init__(self, path: str, tasks: list[str]):
         self.path = Path(path)
         self.label = str(path)
-        self.table = load_predictions(self.path, tasks)
+        self.eval_run = _eval_run_results(self.path)
+        self.table = load_predictions(self.eval_run or self.path, tasks)
 
     def info(self) -> dict:
-        return {"kind": self.kind, "path": str(self.path)}
+        info = {"kind": self.kind, "path": str(self.path)}
+        if self.eval_run is not None:
+            summary = self.eval_run.with_name("summary.json")
+            recorded = None
+            if summary.is_file():
+                try:
+                    recorded = json.loads(summary.read_text(encoding="utf-8")).get("prompt")
+                except (OSError, json.JSONDecodeError, AttributeError):
+                    recorded = None
+            info.update({"eval_run": str(self.eval_run.parent), "prompt": recorded})
+        return info
 
     def check_covers(self, items) -> None:
         missing = [f"{it.task}/{it.task_id}" for it in items if (it.task, it.task_id) not in self.table]
@@ -81,13 +128,38 @@ class PredictionsSide:
                             f"{shown}. Predictions must cover every item; check that --n/--seed/--data match how "
                             f"they were made (GSM8K ids are 0-based row indexes of the data file).")
 
-    def complete(self, items, conversations, log) -> Completions:
+    def prompt_mismatches(self, items) -> int:
+        """Items this side's rows say were asked with another prompt (an eval run records its prompts)."""
+        return sum(1 for it in items if (p := self.table[(it.task, it.task_id)].prompt) is not None
+                   and p != it.prompt)
+
+    def complete(self, items, conversations, stops, log) -> Completions:
         self.check_covers(items)
-        texts = [self.table[(it.task, it.task_id)] for it in items]
-        return Completions(texts, [None if t is not None else "no completion in the predictions file" for t in texts])
+        preds = [self.table[(it.task, it.task_id)] for it in items]
+        mismatched = self.prompt_mismatches(items)
+        if mismatched:
+            log(f"warning: {mismatched} of {len(items)} items in {self.label} were asked with a different prompt "
+                f"than this run's (another prompt set or few-shot setting?): the comparison is not like for like")
+        return Completions([p.completion for p in preds],
+                           [None if p.completion is not None else "no completion in the predictions file"
+                            for p in preds],
+                           [p.finish_reason for p in preds], [p.truncated for p in preds])
 
 
-def load_predictions(path: Path, tasks: list[str]) -> dict[tuple[str, str], str | None]:
+def _eval_run_results(path: Path) -> Path | None:
+    """results.jsonl of an eval run given as its dir; None for anything else. An unfinished run (cache
+    but no results yet) is refused: its results are not known."""
+    if not path.is_dir():
+        return None
+    if (path / "results.jsonl").is_file():
+        return path / "results.jsonl"
+    if (path / "cache").is_dir() or (path / "summary.json").exists():
+        raise DataError(f"{path}: an eval run without results.jsonl (unfinished?); finish it with the same "
+                        f"`cogumi eval` command first, or give a predictions file")
+    return None
+
+
+def load_predictions(path: Path, tasks: list[str]) -> dict[tuple[str, str], Prediction]:
     if not path.exists():
         raise DataError(f"{path}: predictions file or dir not found")
     files: list[tuple[Path, str | None]]
@@ -97,11 +169,11 @@ def load_predictions(path: Path, tasks: list[str]) -> dict[tuple[str, str], str 
             f = path / f"{task}.jsonl"
             if not f.exists():
                 raise DataError(f"{path}: no {task}.jsonl here (a predictions dir holds one TASK.jsonl per task, "
-                                f"rows {{\"task_id\", \"completion\"}})")
+                                f"rows {{\"task_id\", \"completion\"}}; an eval run dir holds results.jsonl)")
             files.append((f, task))
     else:
         files = [(path, None)]
-    table: dict[tuple[str, str], str | None] = {}
+    table: dict[tuple[str, str], Prediction] = {}
     for f, task in files:
         rows = read_jsonl(f)
         has_task = any("task" in r for r in rows)
@@ -116,14 +188,24 @@ def load_predictions(path: Path, tasks: list[str]) -> dict[tuple[str, str], str 
             row_task = row.get("task") if has_task else (task or tasks[0])
             if row_task is None:
                 raise DataError(f"{where}: missing key 'task' (other rows of this file have one)")
-            completion = row["completion"]
-            if completion is not None and not isinstance(completion, str):
-                raise DataError(f"{where}: 'completion' must be a string, got {type(completion).__name__}")
             key = (str(row_task), str(row["task_id"]))
             if key in table:
                 raise DataError(f"{where}: task_id {key[1]!r} ({key[0]}) appears twice; keep one completion per item")
-            table[key] = completion
+            table[key] = _prediction(row, where)
     return table
+
+
+def _prediction(row: dict, where: str) -> Prediction:
+    completion = row["completion"]
+    if completion is not None and not isinstance(completion, str):
+        raise DataError(f"{where}: 'completion' must be a string, got {type(completion).__name__}")
+    truncated = row.get("truncated")
+    if truncated is not None and not isinstance(truncated, bool):
+        raise DataError(f"{where}: 'truncated' must be true, false or null, got {truncated!r}")
+    finish = row.get("finish_reason")
+    prompt = row.get("prompt")
+    return Prediction(completion, truncated, finish if isinstance(finish, str) else None,
+                      prompt if isinstance(prompt, str) else None)
 
 
 class EndpointSide:
@@ -141,15 +223,17 @@ class EndpointSide:
     def info(self) -> dict:
         return {"kind": self.kind, "model": self.endpoint.spec.model, "base_url": safe_url(self.endpoint.spec.base_url)}
 
-    def complete(self, items, conversations, log) -> Completions:
-        def one(messages):
+    def complete(self, items, conversations, stops, log) -> Completions:
+        def one(job):
+            messages, stop = job
             try:
-                return cached_complete(self.endpoint, self.cache, messages, max_tokens=self.max_new_tokens,
-                                       kind="generate")[0], None
+                reply, _ = cached_reply(self.endpoint, self.cache, messages, max_tokens=self.max_new_tokens,
+                                        kind="generate", stop=stop)
+                return reply.text, None, reply.finish_reason
             except RequestFailed as e:
-                return None, f"{self.label}: {e}"
-        pairs = run_concurrently(one, conversations, self.workers, log, f"{self.label}: generating")
-        return Completions([p[0] for p in pairs], [p[1] for p in pairs])
+                return None, f"{self.label}: {e}", None
+        got = run_concurrently(one, list(zip(conversations, stops)), self.workers, log, f"{self.label}: generating")
+        return Completions([g[0] for g in got], [g[1] for g in got], [g[2] for g in got])
 
 
 class LocalModelSide:
@@ -176,24 +260,27 @@ class LocalModelSide:
             info["config_quantized"] = (cfg.get("quantization_config") or {}).get("quant_method")
         return {**info, **self.loaded_info}
 
-    def _key(self, messages) -> str:
-        return cache_key(self.identity, messages, {"max_new_tokens": self.max_new_tokens, "greedy": True,
-                                                   "kind": "generate"})
+    def _key(self, messages, stop) -> str:
+        params = {"max_new_tokens": self.max_new_tokens, "greedy": True, "kind": "generate"}
+        if stop:
+            params["stop"] = list(stop)
+        return cache_key(self.identity, messages, params)
 
-    def complete(self, items, conversations, log) -> Completions:
-        keys = [self._key(m) for m in conversations]
+    def complete(self, items, conversations, stops, log) -> Completions:
+        keys = [self._key(m, s) for m, s in zip(conversations, stops)]
         todo = [i for i, k in enumerate(keys) if k not in self.cache]
         if todo:
-            self._generate(todo, conversations, keys, log)
+            self._generate(todo, conversations, stops, keys, log)
         else:
             log(f"{self.label}: all {len(keys)} answers cached")
-        return Completions([self.cache.get(k)["text"] for k in keys], [None] * len(keys))
+        records = [self.cache.get(k) for k in keys]
+        return Completions([r["text"] for r in records], [None] * len(keys), [r.get("finish_reason") for r in records])
 
-    def _generate(self, todo, conversations, keys, log) -> None:
-        from cogumi.evaluation.generate import generate_completions, load_candidate
+    def _generate(self, todo, conversations, stops, keys, log) -> None:
+        from cogumi.evaluation import generate as generate_mod
 
         log(f"{self.label}: loading ({len(keys) - len(todo)} of {len(keys)} answers cached)")
-        model, tokenizer = load_candidate(self.model, self.base)
+        model, tokenizer = generate_mod.load_candidate(self.model, self.base)
         self.loaded_info = _loaded_model_info(model)
         if self.loaded_info.get("quantized"):
             log(f"warning: {self.label} is a quantized model ({self.loaded_info['quantized']}); "
@@ -207,10 +294,12 @@ class LocalModelSide:
         try:
             for start in range(0, len(todo), chunk):
                 idx = todo[start:start + chunk]
-                texts = generate_completions(model, tokenizer, [conversations[i] for i in idx],
-                                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-                for i, text in zip(idx, texts):
-                    self.cache.put(keys[i], {"text": text, "model": self.identity, "kind": "generate"})
+                done = generate_mod.generate(model, tokenizer, [conversations[i] for i in idx],
+                                             max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                                             stop=[stops[i] for i in idx])
+                for i, g in zip(idx, done):
+                    self.cache.put(keys[i], {"text": g.text, "finish_reason": g.finish_reason,
+                                             "model": self.identity, "kind": "generate"})
                 log(f"{self.label}: generated {min(start + chunk, len(todo))}/{len(todo)} "
                     f"({time.monotonic() - start_time:.0f}s)")
         finally:
@@ -334,13 +423,13 @@ def _side(spec: str, role: str, *, tasks: list[str], base: str | None, endpoint:
         return PredictionsSide(str(p), tasks)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise CogumiError(f"{role} {spec!r}: no such file or directory (expected a model dir, an adapter dir, "
-                          f"a hub id like org/name, openai:MODEL, or a predictions file)")
+                          f"a hub id like org/name, openai:MODEL, a predictions file, or an eval run dir)")
     return LocalModelSide(spec, base if role == "candidate" else None,
                           max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def _load_items(task_names: list[str], data: dict[str, str], n: int | None, seed: int, few_shot: int,
-                split: str | None = "test", variant: str | None = None):
+                split: str | None = "test", variant: str | None = None, prompt_set=None):
     known_keys = set(task_names) | {f"{t}-shots" for t in task_names}
     for key in data:
         if key not in known_keys:
@@ -351,8 +440,10 @@ def _load_items(task_names: list[str], data: dict[str, str], n: int | None, seed
         loaded = tasks_mod.load_task(task, data.get(task), n=n, seed=seed, split=split,
                                      variant=variant if task == "mbpp" else None)
         shots = _shots(task, data) if few_shot else None
+        for it in loaded:
+            it.prompt = prompt_set.text(it)   # what this run asks (rows record it)
         items += loaded
-        messages += [tasks_mod.build_messages(it, few_shot=few_shot, shots=shots) for it in loaded]
+        messages += [tasks_mod.build_messages(it, few_shot=few_shot, shots=shots, prompts=prompt_set) for it in loaded]
         source = data.get(task)
         data_info[task] = {"data": source or tasks_mod.HUB_IDS[task][0],
                            "data_sha256": sha256_file(source) if source else None}
@@ -387,10 +478,14 @@ def _check_side(items, completions: Completions, workers, timeout) -> list[dict]
     checks = tasks_mod.check_many([items[i] for i in idx], [completions.texts[i] for i in idx],
                                   workers=workers, timeout=timeout)
     out = [{"completion": None, "extracted": None, "correct": None, "reason": e or "no completion",
-            "infra_error": e or "no completion"} for e in completions.errors]
+            "infra_error": e or "no completion", "finish_reason": None, "truncated": None, "repetition": None}
+           for e in completions.errors]
     for i, c in zip(idx, checks):
-        out[i] = {"completion": completions.texts[i], "extracted": c.extracted, "correct": c.correct,
-                  "reason": c.reason, "infra_error": c.infra_error}
+        text = completions.texts[i]
+        out[i] = {"completion": text, "extracted": c.extracted, "correct": c.correct,
+                  "reason": c.reason, "infra_error": c.infra_error,
+                  "finish_reason": completions.finish_reasons[i], "truncated": completions.truncated[i],
+                  "repetition": finish_mod.repetition(text)}
     return out
 
 
@@ -400,12 +495,14 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
              base: str | None = None, endpoint: str | None = None, api_model: str | None = None,
              few_shot: int = 0, workers: int | None = None, timeout: float = 10.0, overwrite: bool = False,
              retry: RetryPolicy | None = None, api_workers: int = 4, judge_max_tokens: int = 1024,
-             split: str | None = "test", variant: str | None = None,
+             split: str | None = "test", variant: str | None = None, prompt: str | None = None,
              log: Callable[[str], None] | None = None) -> dict:
     """Evaluate ``model`` on ``tasks`` against ``reference``; write OUT/results.jsonl + summary.json.
 
     Returns the summary dict. ``retry`` sets endpoint retries/backoff/budget/timeouts; ``api_workers``
-    how many endpoint requests run at once; ``split`` / ``variant`` go to ``tasks.load_task`` (MBPP).
+    how many endpoint requests run at once; ``split`` / ``variant`` go to ``tasks.load_task`` (MBPP);
+    ``prompt`` names the prompt set (``prompts.resolve``: None = ``prompts.DEFAULT``, a built-in name, or
+    a YAML file).
     """
     log = log or (lambda m: _stderr(f"eval: {redact(m)}"))
     task_names = list(dict.fromkeys(tasks))
@@ -421,7 +518,9 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
         raise ConfigError("--few-shot must be >= 0, --max-new-tokens and --batch-size >= 1")
     out = Path(out)
     data = dict(data or {})
-    items, conversations, data_info = _load_items(task_names, data, n, seed, few_shot, split, variant)
+    prompt_set = prompts_mod.resolve(prompt, task_names)
+    items, conversations, data_info = _load_items(task_names, data, n, seed, few_shot, split, variant, prompt_set)
+    stops = [prompt_set.stops(it.task) for it in items]
     if not items:
         raise DataError(f"no items to evaluate for {', '.join(task_names)} (empty data or --n 0)")
 
@@ -449,10 +548,11 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
             side.cache = gen_cache
     llm_judge = LLMJudge(judge_ep, judge_cache, max_tokens=judge_max_tokens) if judge_ep else None
     log(f"{len(items)} items ({', '.join(f'{t}={sum(1 for it in items if it.task == t)}' for t in task_names)}); "
+        f"prompts {prompt_set.name} ({prompt_set.source}); "
         f"cache: {len(gen_cache)} answers, {len(judge_cache)} judgments")
 
-    cand = candidate.complete(items, conversations, log)
-    ref = ref_side.complete(items, conversations, log) if ref_side else None
+    cand = candidate.complete(items, conversations, stops, log).settle(stops)
+    ref = ref_side.complete(items, conversations, stops, log).settle(stops) if ref_side else None
     log("checking answers")
     cand_checks = _check_side(items, cand, workers, timeout)
     ref_checks = _check_side(items, ref, workers, timeout) if ref else None
@@ -467,7 +567,9 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
         judgments = run_concurrently(judge_one, list(range(len(items))), api_workers, log,
                                      f"{llm_judge.model}: judging")
 
-    rows = [_row(i, items, cand_checks, ref_checks, judgments, llm_judge) for i in range(len(items))]
+    used = {"name": prompt_set.name, "sha256": prompt_set.sha256}
+    rows = [{**_row(i, items, cand_checks, ref_checks, judgments, llm_judge), "prompt_set": used}
+            for i in range(len(items))]
     endpoints = {s.label: s.endpoint.stats.as_dict() for s in (candidate, ref_side) if isinstance(s, EndpointSide)}
     if llm_judge is not None:
         endpoints[f"judge {llm_judge.model}"] = llm_judge.endpoint.stats.as_dict()
@@ -482,6 +584,7 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
         "tasks": summary["tasks"],
         "candidate": candidate.info(), "reference_info": ref_side.info() if ref_side else None,
         "n": n, "seed": seed, "split": split, "few_shot": few_shot, "max_new_tokens": max_new_tokens,
+        "prompt": prompt_set.record(), "stop_sequences": {t: list(prompt_set.stops(t)) for t in task_names},
         "endpoints": endpoints, "retries_used": budget.used,
         "usage": {label: stats["usage"] for label, stats in endpoints.items() if stats["usage"]["requests_paid"]},
         "cogumi_version": __version__, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -516,6 +619,7 @@ def _row(i, items, cand_checks, ref_checks, judgments, llm_judge) -> dict:
     return {"task": it.task, "task_id": it.task_id, "prompt": it.prompt, "gold": it.gold,
             "completion": c["completion"], "extracted": c["extracted"], "correct": c["correct"],
             "reason": c["reason"], "infra_error": c["infra_error"],
+            "finish_reason": c["finish_reason"], "truncated": c["truncated"], "repetition": c["repetition"],
             "reference": r, "outcome": outcome, "tie_kind": tie_kind, "judge": judge_record}
 
 
@@ -523,8 +627,17 @@ def _ci(k: int, n: int):
     return list(wilson_interval(k, n)) if n else None
 
 
+def _finish_stats(sides: list[dict]) -> tuple[int, float | None, float | None]:
+    """(truncated count, truncated_rate over the sides whose truncation is known, mean repetition)."""
+    known = [s["truncated"] for s in sides if s.get("truncated") is not None]
+    reps = [s["repetition"] for s in sides if s.get("repetition") is not None]
+    truncated = sum(1 for t in known if t)
+    return truncated, (truncated / len(known) if known else None), (sum(reps) / len(reps) if reps else None)
+
+
 def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
-    """Per-task counts, rates and 95% Wilson intervals (docs/design.md's summary.json ``tasks``)."""
+    """Per-task counts, rates and 95% Wilson intervals (docs/design.md's summary.json ``tasks``), and
+    truncation / repetition (``truncated_rate`` is None when no row's truncation is known)."""
     task_names = task_names or list(dict.fromkeys(r["task"] for r in rows))
     tasks = {}
     for task in task_names:
@@ -541,6 +654,8 @@ def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
         # With a reference: items left without a verdict; without one: candidate answers left unchecked.
         infra = sum(1 for r in with_ref if r["outcome"] is None) if with_ref else len(rs) - checked
         rate = lambda k: (k / judged) if judged else None  # noqa: E731
+        truncated, truncated_rate, repetition_mean = _finish_stats(rs)
+        _, ref_truncated_rate, ref_repetition_mean = _finish_stats([r["reference"] for r in with_ref])
         tasks[task] = {
             "n": len(rs), "correct": correct, "checked": checked,
             "wins": wins, "ties": ties,
@@ -553,6 +668,9 @@ def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
             "accuracy": correct / checked if checked else None, "accuracy_ci": _ci(correct, checked),
             "reference_correct": ref_correct if with_ref else None,
             "reference_accuracy": ref_correct / ref_checked if ref_checked else None,
+            "truncated": truncated, "truncated_rate": truncated_rate, "repetition_mean": repetition_mean,
+            "reference_truncated_rate": ref_truncated_rate if with_ref else None,
+            "reference_repetition_mean": ref_repetition_mean if with_ref else None,
         }
     return {"tasks": tasks}
 
