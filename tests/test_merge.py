@@ -192,13 +192,15 @@ def test_nan_in_adapter_fails_and_writes_nothing(tiny_base, tmp_path):
 
 def test_fidelity_failure_and_disk_check_fail_cleanly(bf16_merge, tmp_path, monkeypatch):
     import cogumi.merge as merge
+    import cogumi.merge.fidelity as fidelity
+    import cogumi.merge.run as merge_run
     adapter, _, _ = bf16_merge
-    monkeypatch.setattr(merge, "FIDELITY_KL_MAX", -1.0)         # an unreachable tolerance
-    monkeypatch.setattr(merge, "FIDELITY_KL_REL", -1.0)
+    monkeypatch.setattr(fidelity, "FIDELITY_KL_MAX", -1.0)         # an unreachable tolerance
+    monkeypatch.setattr(fidelity, "FIDELITY_KL_REL", -1.0)
     with pytest.raises(RedFlagError, match="fidelity"):
         merge.merge_adapter(adapter, tmp_path / "out", log=lambda *_: None)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
-    monkeypatch.setattr(merge, "_free_bytes", lambda path: 1000)
+    monkeypatch.setattr(merge_run, "_free_bytes", lambda path: 1000)
     with pytest.raises(CogumiError, match="not enough disk"):
         merge.merge_adapter(adapter, tmp_path / "out", log=lambda *_: None)
 
