@@ -465,3 +465,24 @@ def test_fidelity_check_after_training_turned_tf32_on(bf16_merge, tmp_path):
         assert manifest["fidelity"]["passed"]
     finally:
         torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_merged_model_honours_the_umask(tiny_base, tmp_path, umask):
+    """A serving container or a colleague must be able to read a merged model (mkstemp/mkdtemp alone
+    would make it 0600/0700); under a stricter umask the stricter modes hold."""
+    import stat
+
+    from cogumi.merge import merge_adapter
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    old = os.umask(umask)
+    try:
+        merge_adapter(adapter, tmp_path / "merged", max_shard_bytes=100_000, fidelity=False, log=lambda *_: None)
+    finally:
+        os.umask(old)
+    merged = tmp_path / "merged"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [merged, *merged.iterdir()]}
+    assert modes.pop("merged") == 0o777 & ~umask
+    assert {"cogumi.json", "config.json", "model.safetensors.index.json"} <= set(modes)
+    assert any(n.endswith(".safetensors") for n in modes) and any(n.startswith("tokenizer") for n in modes)
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -3,6 +3,11 @@
 Everything cogumi writes goes to a temporary path beside the destination and is renamed into place
 when complete (``os.replace`` is atomic on POSIX within one filesystem), so a crash or ``kill -9``
 leaves either the old file, the new file, or nothing -- never half a file.
+
+Permissions: ``tempfile.mkstemp`` / ``mkdtemp`` create 0600 files and 0700 dirs whatever the umask; a
+merged model a serving container or a colleague cannot read is useless, so every temp path is given the
+mode an ordinary ``open()`` / ``mkdir()`` would have had (0644 / 0755 under the default umask 022)
+before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -29,11 +34,32 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it, which
+    would briefly change it for every thread); the swap is the fallback where /proc is not there."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, *, directory: bool = False) -> None:
+    """Give a temp file/dir the mode ``open()`` / ``mkdir()`` would have given it under the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -96,6 +122,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[P
     _remove_dead_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
+        honour_umask(tmp, directory=True)
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -50,14 +50,14 @@ def _output_config(base_dir: Path, dtype_tag: str) -> dict:
 def _copy_side_files(out: Path, base_dir: Path, adapter_dir: Path, original_dir: Path | None) -> None:
     for d in (original_dir, base_dir):
         if d is not None and (d / "generation_config.json").exists():
-            shutil.copy2(d / "generation_config.json", out / "generation_config.json")
+            shutil.copyfile(d / "generation_config.json", out / "generation_config.json")   # mode from the umask
             break
     tok_dir = next((d for d in (adapter_dir, original_dir, base_dir)
                     if d is not None and (d / "tokenizer_config.json").exists()), None)
     if tok_dir is not None:
         for name in TOKENIZER_FILES:
             if (tok_dir / name).exists():
-                shutil.copy2(tok_dir / name, out / name)
+                shutil.copyfile(tok_dir / name, out / name)
 
 
 def _peak_rss_gib() -> float:
