@@ -1,4 +1,5 @@
-"""Batched evaluation generation gives the same greedy answers as one prompt at a time."""
+"""Batched evaluation generation gives the same greedy answers as one prompt at a time; stop sequences end
+a row's generation and cut its text; finish reasons (eos / stop / length)."""
 
 from __future__ import annotations
 
@@ -90,3 +91,82 @@ def test_decode_attention_matches_sdpa_for_grouped_query_heads():
     ref, _ = sdpa_attention_forward(Attn(), q, k, v, mask, scaling=0.25)
     assert ours.shape == ref.shape == (3, 1, 8, 16)
     assert torch.allclose(ours, ref, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# stop sequences and finish reasons
+# ---------------------------------------------------------------------------------------------
+
+def _ascii_stop(text: str) -> str:
+    """A 3-character ASCII stop string from the middle of ``text`` (the model's own output)."""
+    for start in range(3, len(text) - 3):
+        piece = text[start:start + 3]
+        if piece.isascii() and piece.strip() == piece and piece.strip():
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_stop_sequence_cuts_that_row_and_no_other(model_and_tokenizer, static_cache):
+    from cogumi.evaluation.generate import generate
+    model, tok = model_and_tokenizer
+    convs = _conversations()
+    plain = generate(model, tok, convs, max_new_tokens=16, batch_size=3, static_cache=static_cache)
+    k = max(range(len(convs)), key=lambda i: len(plain[i].text))
+    stop = _ascii_stop(plain[k].text)
+    stops = [[stop] if i == k else [] for i in range(len(convs))]
+    cut = generate(model, tok, convs, max_new_tokens=16, batch_size=3, static_cache=static_cache, stop=stops)
+    assert cut[k].text == plain[k].text[:plain[k].text.find(stop)]
+    assert cut[k].finish_reason == "stop"
+    assert [g for i, g in enumerate(cut) if i != k] == [g for i, g in enumerate(plain) if i != k]
+    assert {g.finish_reason for i, g in enumerate(plain) if len(g.text) and g.finish_reason != "eos"} <= {"length"}
+
+
+def test_generation_ends_at_the_stop(model_and_tokenizer):
+    """The stop ends decoding (fewer forward passes), not just the returned text."""
+    from cogumi.evaluation.generate import generate
+    model, tok = model_and_tokenizer
+    conv = [_conversations()[0]]
+    calls = []
+    hook = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        plain = generate(model, tok, conv, max_new_tokens=24, static_cache=False)[0]
+        n_plain = len(calls)
+        calls.clear()
+        stopped = generate(model, tok, conv, max_new_tokens=24, static_cache=False, stop=[_ascii_stop(plain.text)])[0]
+    finally:
+        hook.remove()
+    assert stopped.finish_reason == "stop" and len(calls) < n_plain
+
+
+def test_text_ending_the_prompt_is_not_a_stop(model_and_tokenizer):
+    """A stop string that the chat template's generation prompt ends with never matches there."""
+    from cogumi.evaluation.generate import generate
+    model, tok = model_and_tokenizer
+    conv = [_conversations()[1]]
+    prompt_text = tok.apply_chat_template(conv[0], tokenize=False, add_generation_prompt=True)
+    tail = prompt_text[-4:]
+    plain = generate(model, tok, conv, max_new_tokens=10)[0]
+    assert tail not in plain.text
+    assert generate(model, tok, conv, max_new_tokens=10, stop=[tail])[0] == plain
+
+
+@pytest.mark.parametrize("static_cache", [False, True])
+def test_finish_reasons_eos_and_length(model_and_tokenizer, static_cache):
+    import torch
+    from cogumi.evaluation.generate import generate, render_prompts
+    model, tok = model_and_tokenizer
+    convs = _conversations()[:3]
+    short = generate(model, tok, convs, max_new_tokens=3, batch_size=3, static_cache=static_cache)
+    assert [g.finish_reason for g in short] == ["length"] * 3          # the tiny model never ends this soon
+    with torch.inference_mode():
+        first = int(model(torch.tensor([render_prompts(tok, convs[:1])[0]])).logits[0, -1].argmax())
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = first             # row 0's first token now ends its answer
+    try:
+        ended = generate(model, tok, convs, max_new_tokens=3, batch_size=3, static_cache=static_cache)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert ended[0].finish_reason == "eos" and short[0].text.startswith(ended[0].text)
+    for after, before in zip(ended[1:], short[1:]):     # other rows change only where they emit that token too
+        assert after == before or (after.finish_reason == "eos" and before.text.startswith(after.text))

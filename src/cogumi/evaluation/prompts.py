@@ -24,7 +24,7 @@ Features
   * Built-in sets (``prompts/*.yaml``): ``default`` (``DEFAULT``: the chat wrappers for GSM8K and
     HumanEval, MBPP's original prompt with all its asserts), ``chat`` (cogumi's earlier wrappers, MBPP with
     one assert), ``training`` (the bare question, as a training row's instruction).
-  * ``resolve(spec, tasks=None) -> PromptSet``: ``None`` -> the default set; a built-in name; or a YAML
+  * ``resolve(spec) -> PromptSet``: ``None`` -> the default set; a built-in name; or a YAML
     file. ``PromptSet``: ``.name``, ``.source`` (``builtin:NAME`` or the file path), ``.sha256`` (of the
     templates, stops and system message), ``.text(item)`` (the user message), ``.render(item)`` (chat
     messages), ``.messages(text, shots)``, ``.stops(task)``, ``.record()`` (what results record).
@@ -165,15 +165,10 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
 
 
-def resolve(spec: str | None, tasks: list[str] | None = None) -> PromptSet:
-    """``None`` -> the default set; a built-in name; or a YAML file. With ``tasks``, the set must have a
-    template for each of them (built-in and complete sets always do)."""
-    ps = _load_builtin(spec or DEFAULT) if _is_builtin_name(spec or DEFAULT) else _load_file(Path(spec))
-    missing = [t for t in (tasks or []) if t not in ps.tasks]
-    if missing:
-        raise ConfigError(f"{ps.source}: no template for {', '.join(missing)} (add tasks.{missing[0]}.template, "
-                          f"or `include: {DEFAULT}` to start from the default prompts)")
-    return ps
+def resolve(spec: str | None) -> PromptSet:
+    """``None`` -> the default set; a built-in name; or a YAML file (validated: every task has a template)."""
+    spec = spec or DEFAULT
+    return _load_builtin(spec) if _is_builtin_name(spec) else _load_file(Path(spec).expanduser())
 
 
 def default() -> PromptSet:

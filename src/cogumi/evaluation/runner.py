@@ -518,7 +518,7 @@ def run_eval(model: str, *, tasks: list[str], out: str | Path, n: int | None = N
         raise ConfigError("--few-shot must be >= 0, --max-new-tokens and --batch-size >= 1")
     out = Path(out)
     data = dict(data or {})
-    prompt_set = prompts_mod.resolve(prompt, task_names)
+    prompt_set = prompts_mod.resolve(prompt)
     items, conversations, data_info = _load_items(task_names, data, n, seed, few_shot, split, variant, prompt_set)
     stops = [prompt_set.stops(it.task) for it in items]
     if not items:
