@@ -3,7 +3,8 @@
 It speaks ``POST /v1/chat/completions`` and ``GET /v1/models`` over real sockets (``http.server``),
 so the ``openai`` client under test does real HTTP: headers, status codes, keep-alive, timeouts.
 
-Models are plain callables ``responder(messages, body) -> str`` registered by name:
+Models are plain callables ``responder(messages, body) -> str`` (or ``(str, finish_reason)``; default
+``"stop"``) registered by name:
   * ``tiny_model_responder(model_dir)``: the tiny Llama's greedy generations (a candidate "served by vLLM");
   * ``scripted_judge(rule)``: reads the MT-Bench-style pair prompt ("[The Start of Assistant A's
     Answer]" ...), asks ``rule(answer_a, answer_b, reference)`` for "A"/"B"/"C" and answers "[[X]]";
@@ -11,7 +12,7 @@ Models are plain callables ``responder(messages, body) -> str`` registered by na
 
 Faults (``Fault(kind, ...)``), consumed one per chat request from ``server.faults`` (a FIFO; ``None``
 serves normally), or chosen by ``server.fault_rule(record)``:
-  ``429`` (with Retry-After), ``500``, ``stall`` (hold the request past the client's timeout),
+  ``429`` (with Retry-After), ``500``, ``400`` (with ``message``), ``stall`` (hold the request past the client's timeout),
   ``truncated`` (a 200 whose JSON body is cut in half, with a matching Content-Length),
   ``schema`` (a 200 with valid JSON that is not a chat completion), ``drop`` (close the socket
   without answering), ``401``. ``server.down_after = K`` drops every request after the K-th
@@ -38,9 +39,10 @@ from typing import Callable
 
 @dataclass
 class Fault:
-    kind: str                      # "429" | "500" | "stall" | "truncated" | "schema" | "drop" | "401"
+    kind: str                      # "429" | "500" | "400" | "stall" | "truncated" | "schema" | "drop" | "401"
     retry_after: str | None = None  # header value for 429/500
     seconds: float = 5.0           # for "stall"
+    message: str | None = None     # error message for "400" (e.g. a refused parameter)
 
 
 @dataclass
@@ -196,10 +198,11 @@ class FakeOpenAIServer:
                         server._stop.wait(fault.seconds)
                         self.close_connection = True
                         return
-                    if fault.kind in ("429", "500", "401"):
+                    if fault.kind in ("429", "500", "401", "400"):
                         record.status = int(fault.kind)
                         headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
-                        return self._send_json(int(fault.kind), {"error": {"message": f"injected {fault.kind}",
+                        message = fault.message or f"injected {fault.kind}"
+                        return self._send_json(int(fault.kind), {"error": {"message": message,
                                                                            "type": "injected"}}, headers)
                 responder = server.models.get(model)
                 if responder is None:
@@ -207,10 +210,11 @@ class FakeOpenAIServer:
                     return self._send_json(404, {"error": {"message": f"model {model!r} not found",
                                                            "type": "invalid_request_error"}})
                 text = responder(messages, body)
+                text, finish_reason = text if isinstance(text, tuple) else (text, "stop")
                 payload = {
                     "id": f"chatcmpl-{record.key}", "object": "chat.completion", "created": int(time.time()),
                     "model": model,
-                    "choices": [{"index": 0, "finish_reason": "stop",
+                    "choices": [{"index": 0, "finish_reason": finish_reason,
                                  "message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 }

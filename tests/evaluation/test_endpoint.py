@@ -4,8 +4,9 @@ import pytest
 from openai_server import FakeOpenAIServer, Fault, messages_key
 
 from cogumi.errors import CogumiError, DataError
-from cogumi.evaluation.endpoint import (ChatEndpoint, EndpointSpec, EndpointUnavailable, RequestFailed,
-                                        ResponseCache, RetryPolicy, cached_complete, parse_endpoint_spec, safe_url)
+from cogumi.evaluation.endpoint import (MAX_API_STOPS, ChatEndpoint, EndpointSpec, EndpointUnavailable, Reply,
+                                        RequestFailed, ResponseCache, RetryPolicy, cached_complete, cached_reply,
+                                        parse_endpoint_spec, safe_url)
 
 KEY = "sk-test-endpoint-0123456789abcdef"
 MSGS = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -116,6 +117,61 @@ def test_cached_complete_asks_once(server, tmp_path):
     cached_complete(ep, reopened, MSGS, max_tokens=9, kind="generate")
     assert server.request_counts()[messages_key(MSGS)] == 2
     assert KEY not in (tmp_path / "c.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# stop sequences and finish reasons
+# ---------------------------------------------------------------------------------------------
+
+def run_on(seen):
+    """A model that writes an answer, then runs on into an invented next question until max_tokens."""
+    def respond(messages, body):
+        seen.append(body)
+        return "Answer: 4\n#### 4\n\nQuestion: and 5 + 5?\nAnswer: 10 " * 3, "length"
+    return respond
+
+
+def test_stops_are_sent_and_finish_reason_comes_back(server):
+    seen = []
+    server.models["runner"] = run_on(seen)
+    ep = endpoint(server, model="runner")
+    stops = ["Question:", "</s>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"]
+    reply = ep.reply(MSGS, max_tokens=8, stop=stops)
+    assert reply == Reply("Answer: 4\n#### 4\n\nQuestion: and 5 + 5?\nAnswer: 10 " * 3, "length")
+    assert seen[-1]["stop"] == stops[:MAX_API_STOPS] and MAX_API_STOPS == 4
+    ep.reply(MSGS, max_tokens=8)
+    assert "stop" not in seen[-1]                     # no stops: the parameter is not sent at all
+    assert endpoint(server).reply(MSGS, max_tokens=8).finish_reason == "stop"
+
+
+def test_a_model_refusing_the_stop_parameter_is_asked_without_it(server):
+    seen = []
+    server.models["runner"] = run_on(seen)
+    ep = endpoint(server, model="runner")
+    server.faults.append(Fault("400", message="Unsupported parameter: 'stop' is not supported with this model."))
+    reply = ep.reply(MSGS, max_tokens=8, stop=["Question:"])
+    assert reply.text.startswith("Answer: 4") and "stop" not in seen[-1]
+    ep.reply([{"role": "user", "content": "again"}], max_tokens=8, stop=["Question:"])
+    assert len(seen) == 2 and "stop" not in seen[-1]  # remembered: not sent (and refused) again
+    assert ep.stats.retries == 0
+    other = endpoint(server, max_attempts=2)
+    server.faults.append(Fault("400", message="max_tokens is too large"))
+    with pytest.raises(RequestFailed, match="HTTP 400"):   # any other 400 still fails that request alone
+        other.reply(MSGS, max_tokens=8, stop=["Question:"])
+
+
+def test_cached_reply_keeps_the_finish_reason_and_keys_on_the_stops(server, tmp_path):
+    seen = []
+    server.models["runner"] = run_on(seen)
+    ep = endpoint(server, model="runner")
+    cache = ResponseCache(tmp_path / "c.jsonl")
+    first, hit = cached_reply(ep, cache, MSGS, max_tokens=8, kind="generate", stop=["Question:"])
+    assert not hit and first.finish_reason == "length"
+    again, hit = cached_reply(ep, ResponseCache(tmp_path / "c.jsonl"), MSGS, max_tokens=8, kind="generate",
+                              stop=["Question:"])
+    assert hit and again == first and len(seen) == 1
+    cached_reply(ep, cache, MSGS, max_tokens=8, kind="generate")          # other stops: another question
+    assert len(seen) == 2
 
 
 def test_cache_drops_a_torn_last_record(tmp_path):

@@ -364,3 +364,118 @@ def test_refused_key_stops_the_run_without_printing_it(server, gsm, tmp_path, ca
     assert wrong not in captured.out + captured.err          # the server quoted it back; cogumi redacts it
     for f in out.rglob("*"):
         assert not f.is_file() or wrong not in f.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt sets, stop sequences, truncation and looping
+# ---------------------------------------------------------------------------------------------
+
+def _three_ascii_chars(text: str) -> str:
+    for start in range(3, len(text) - 3):
+        piece = text[start:start + 3]
+        if piece.isascii() and piece.strip() == piece and piece.strip():
+            return piece
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_training_prompt_truncation_and_a_custom_stop_on_the_tiny_model(tiny_base, gsm, tmp_path, capsys):
+    from cogumi.evaluation import finish, prompts
+    args = ["eval", str(tiny_base), "--tasks", "gsm8k", "--data", f"gsm8k={gsm}", "--n", "4", "--max-new-tokens",
+            "12", "--batch-size", "4"]
+    assert main(args + ["--prompt", "training", "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr().out
+    summary, rows = json.loads((tmp_path / "a" / "summary.json").read_text()), rows_of(tmp_path / "a")
+    questions = [json.loads(line)["question"] for line in gsm.read_text().splitlines()]
+    training = prompts.resolve("training")
+    for r in rows:
+        assert r["prompt"] == questions[int(r["task_id"])]                  # the bare question, verbatim
+        assert r["prompt_set"] == {"name": "training", "sha256": training.sha256}
+        assert r["finish_reason"] in ("eos", "stop", "length")
+        assert r["truncated"] is (r["finish_reason"] == "length")
+        assert r["repetition"] == finish.repetition(r["completion"])
+    t = summary["tasks"]["gsm8k"]
+    assert t["truncated"] == sum(r["truncated"] for r in rows) and t["truncated_rate"] == t["truncated"] / 4
+    assert t["repetition_mean"] == pytest.approx(sum(r["repetition"] for r in rows) / 4)
+    assert summary["prompt"] == training.record()
+    assert summary["stop_sequences"]["gsm8k"] == list(training.stops("gsm8k"))
+    assert "prompts training" in captured and "trunc/rep" in captured and f"{100 * t['truncated_rate']:.0f}%/" in captured
+
+    # a prompt file adding a stop string the model writes: that answer ends there and is not truncated
+    longest = max(rows, key=lambda r: len(r["completion"]))
+    stop = _three_ascii_chars(longest["completion"])
+    custom = tmp_path / "stops.yaml"
+    custom.write_text(f"include: training\ntasks:\n  gsm8k:\n    template: '{{{{ question }}}}'\n    stop: {json.dumps([stop])}\n")
+    assert main(args + ["--prompt", str(custom), "--out", str(tmp_path / "b")]) == 0
+    cut_rows = rows_of(tmp_path / "b")
+    for before, after in zip(rows, cut_rows):
+        assert after["prompt"] == before["prompt"] and after["prompt_set"]["name"] == "stops"
+        if stop in before["completion"]:
+            assert after["completion"] == before["completion"][:before["completion"].find(stop)]
+            assert (after["finish_reason"], after["truncated"]) == ("stop", False)
+        else:
+            assert (after["completion"], after["truncated"]) == (before["completion"], before["truncated"])
+    assert any(stop in r["completion"] for r in rows)
+
+
+def test_endpoint_run_on_is_cut_at_the_stop_and_loops_count_as_truncated(server, gsm, tmp_path):
+    """A server that ignores `stop` and runs on into an invented next question: cogumi cuts it locally and
+    grades the real answer; an answer that loops to the token limit is truncated, with high repetition."""
+    rows_by_question = [json.loads(line) for line in gsm.read_text().splitlines()]
+    bodies = []
+
+    def respond(messages, body):
+        bodies.append(body)
+        i = next(k for k, r in enumerate(rows_by_question) if r["question"].strip() in messages[-1]["content"])
+        gold = rows_by_question[i]["answer"].rsplit("####", 1)[1].strip()
+        if i % 2 == 0:
+            return f"Adding up.\n#### {gold}\n\nQuestion: Tom has 2 pens and buys 5 more.\nAnswer: 7\n#### 7", "length"
+        return "so the answer is " * 60, "length"
+    server.models["runon"] = respond
+    out = tmp_path / "run"
+    summary = run_eval("openai:runon", tasks=["gsm8k"], out=out, n=6, data={"gsm8k": str(gsm)},
+                       endpoint=server.url, retry=FAST, api_workers=2, log=lambda m: None)
+    rows = rows_of(out)
+    from cogumi.evaluation import prompts
+    assert bodies and all(b["stop"] == list(prompts.default().stops("gsm8k"))[:4] for b in bodies)
+    for r in rows:
+        assert "Question:" not in r["completion"] and r["finish_reason"] == "length"
+        if int(r["task_id"]) % 2 == 0:
+            assert (r["correct"], r["truncated"]) == (True, False) and r["repetition"] == 0.0
+        else:
+            assert (r["correct"], r["truncated"]) == (False, True) and r["repetition"] > 0.9
+    odd = sum(int(r["task_id"]) % 2 for r in rows)
+    assert summary["tasks"]["gsm8k"]["truncated_rate"] == odd / 6 and 0 < odd < 6
+
+
+def test_reference_can_be_an_earlier_eval_run(gsm, tmp_path):
+    earlier = tmp_path / "earlier"
+    preds = [{"task_id": str(i), "completion": f"#### {i}", "truncated": i % 3 == 0} for i in range(30)]
+    first = run_eval(str(write_jsonl(tmp_path / "p.jsonl", preds)), tasks=["gsm8k"], out=earlier,
+                     data={"gsm8k": str(gsm)}, log=lambda m: None)
+    assert first["tasks"]["gsm8k"]["truncated_rate"] == 10 / 30       # a predictions file may say what it knows
+    assert all(r["finish_reason"] is None for r in rows_of(earlier))
+    logs: list[str] = []
+    summary = run_eval(str(reference_file(tmp_path, gsm)), tasks=["gsm8k"], out=tmp_path / "now",
+                       data={"gsm8k": str(gsm)}, reference=str(earlier), log=logs.append)
+    then = {r["task_id"]: r for r in rows_of(earlier)}
+    for r in rows_of(tmp_path / "now"):
+        assert r["reference"]["completion"] == then[r["task_id"]]["completion"]
+        assert r["reference"]["truncated"] is then[r["task_id"]]["truncated"]
+        assert r["truncated"] is None                                    # plain predictions: unknown
+    t = summary["tasks"]["gsm8k"]
+    assert (t["reference_truncated_rate"], t["truncated_rate"]) == (10 / 30, None)
+    assert summary["reference_info"]["eval_run"] == str(earlier)
+    assert summary["reference_info"]["prompt"] == first["prompt"]
+    assert not any("different prompt" in m for m in logs)
+    run_eval(str(reference_file(tmp_path, gsm)), tasks=["gsm8k"], out=tmp_path / "other", prompt="training",
+             data={"gsm8k": str(gsm)}, reference=str(earlier), log=logs.append)
+    assert any("30 of 30 items" in m and "different prompt" in m for m in logs)
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "cache").mkdir(parents=True)
+    with pytest.raises(DataError, match="eval run without results.jsonl"):
+        run_eval(str(reference_file(tmp_path, gsm)), tasks=["gsm8k"], out=tmp_path / "x", data={"gsm8k": str(gsm)},
+                 reference=str(unfinished))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**p, "truncated": "yes"} for p in preds])
+    with pytest.raises(DataError, match=r"bad.jsonl: row 1: 'truncated' must be true, false or null"):
+        run_eval(str(bad), tasks=["gsm8k"], out=tmp_path / "y", data={"gsm8k": str(gsm)})
