@@ -12,7 +12,8 @@ Models are plain callables ``responder(messages, body) -> str`` (or ``(str, fini
 
 Faults (``Fault(kind, ...)``), consumed one per chat request from ``server.faults`` (a FIFO; ``None``
 serves normally), or chosen by ``server.fault_rule(record)``:
-  ``429`` (with Retry-After), ``500``, ``400`` (with ``message``), ``stall`` (hold the request past the client's timeout),
+  ``429`` (with Retry-After), ``500``, ``400`` (with ``message``), ``stall`` (hold the request past the
+  client's timeout),
   ``truncated`` (a 200 whose JSON body is cut in half, with a matching Content-Length),
   ``schema`` (a 200 with valid JSON that is not a chat completion), ``drop`` (close the socket
   without answering), ``401``. ``server.down_after = K`` drops every request after the K-th

@@ -398,13 +398,15 @@ def test_training_prompt_truncation_and_a_custom_stop_on_the_tiny_model(tiny_bas
     assert t["repetition_mean"] == pytest.approx(sum(r["repetition"] for r in rows) / 4)
     assert summary["prompt"] == training.record()
     assert summary["stop_sequences"]["gsm8k"] == list(training.stops("gsm8k"))
-    assert "prompts training" in captured and "trunc/rep" in captured and f"{100 * t['truncated_rate']:.0f}%/" in captured
+    assert "prompts training" in captured and "trunc/rep" in captured
+    assert f"{100 * t['truncated_rate']:.0f}%/{t['repetition_mean']:.2f}" in captured
 
     # a prompt file adding a stop string the model writes: that answer ends there and is not truncated
     longest = max(rows, key=lambda r: len(r["completion"]))
     stop = _three_ascii_chars(longest["completion"])
     custom = tmp_path / "stops.yaml"
-    custom.write_text(f"include: training\ntasks:\n  gsm8k:\n    template: '{{{{ question }}}}'\n    stop: {json.dumps([stop])}\n")
+    custom.write_text("include: training\ntasks:\n  gsm8k:\n    template: '{{ question }}'\n"
+                      f"    stop: {json.dumps([stop])}\n")
     assert main(args + ["--prompt", str(custom), "--out", str(tmp_path / "b")]) == 0
     cut_rows = rows_of(tmp_path / "b")
     for before, after in zip(rows, cut_rows):
