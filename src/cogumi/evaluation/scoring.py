@@ -126,11 +126,11 @@ def _pct(k: int, n: int) -> str:
     return f"{k}/{n} ({100 * k / n:.1f}%)" if n else f"{k}/0"
 
 
-def _print_table(summary: dict, *, data: str, n_items: int, seconds: float, layers: tuple[str, ...]) -> None:
+def _print_table(summary: dict, *, data: str, n_items: int, seconds: float, jail: str | None) -> None:
     n = summary["n"]
     print(f"cogumi score: {summary['task']} -- {n} of {n_items} items in {data}, {seconds:.1f}s")
-    if summary["task"] != "gsm8k":
-        print(f"  sandbox layers: {', '.join(layers) or 'none confirmed'}")
+    if jail:
+        print("\n".join("  " + line for line in jail.splitlines()))
     print(f"  {'candidate':<10} correct {_pct(summary['correct'], n):<20} infra errors {summary['infra_errors']}")
     if "wins" in summary:
         print(f"  {'reference':<10} correct {_pct(summary['reference_correct'], n):<20} "
@@ -154,11 +154,11 @@ def score_command(*, task: str, data: str, predictions: str, reference: str | No
                        workers=workers, timeout=timeout)
     atomic_write_jsonl(out, rows)
     summary = summarize(rows, task, with_reference=refs is not None)
-    layers = ()
+    jail = None
     if task != "gsm8k":
         from cogumi.evaluation.sandbox import isolation
-        layers = isolation()
-    _print_table(summary, data=data, n_items=len(items), seconds=time.monotonic() - start, layers=layers)
+        jail = isolation().summary()
+    _print_table(summary, data=data, n_items=len(items), seconds=time.monotonic() - start, jail=jail)
     if refs is not None and (extra := len(set(refs) - set(preds))):
         print(f"  note: {extra} reference completion(s) have no candidate prediction and were not scored")
     print(f"  per-item results: {out}")

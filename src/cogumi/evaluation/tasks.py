@@ -46,10 +46,8 @@ Failure modes
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,51 +288,71 @@ def check_gsm8k(item: Item, completion: str) -> Check:
 
 
 # ---------------------------------------------------------------------------------------------
-# program assembly (completion -> program: extract.candidate_program)
+# code items: the jail runs the candidate's program, the trusted harness runs the benchmark's tests
 # ---------------------------------------------------------------------------------------------
 
-def build_program(item: Item, completion: str) -> tuple[str, str]:
-    """(program, tests) for a code item: the sandbox runs the program, then the tests after it."""
+def build_job(item: Item, completion: str):
+    """The sandbox job for a code item: the candidate's program (``extract.candidate_program``) for the jail;
+    for the harness, the benchmark's own setup (HumanEval's prompt, so its helpers are the benchmark's;
+    MBPP's ``test_imports`` and ``test_setup_code``), its tests, and the names that are the candidate's."""
+    from cogumi.evaluation.sandbox import CodeJob
     if item.task not in ("humaneval", "mbpp"):
         raise ConfigError(f"{item.task} is not a code task")
     program = candidate_program(item, completion)
     if item.task == "humaneval":
-        tests = item.data["test"] + f"\n\ncheck({item.data['entry_point']})\n"
-        return program, tests
-    if item.task == "mbpp":
-        imports = "\n".join(item.data.get("test_imports") or [])
-        setup = item.data.get("test_setup_code") or ""
-        tests = "\n".join(x for x in [imports, setup, *item.data["test_list"]] if x) + "\n"
-        return program, tests
-    raise ConfigError(f"{item.task} is not a code task")
+        entry = item.data["entry_point"]
+        return CodeJob(program, item.data["test"] + f"\n\ncheck({entry})\n", item.data["prompt"], (entry,))
+    imports = "\n".join(item.data.get("test_imports") or [])
+    setup = "\n".join(x for x in (imports, item.data.get("test_setup_code") or "") if x)
+    tests = "\n".join(item.data["test_list"]) + "\n"
+    return CodeJob(program, tests, setup, _solution_names(item.data["code"], setup + "\n" + tests))
 
 
-# ---------------------------------------------------------------------------------------------
-# checking
-# ---------------------------------------------------------------------------------------------
+def _solution_names(reference: str, used_by: str) -> tuple[str, ...]:
+    """Functions and classes the reference solution defines at top level that the tests or setup use: the
+    candidate's, even where one shadows a builtin (MBPP 126 tests a function named ``sum``)."""
+    import ast
+    try:
+        names = [n.name for n in ast.parse(reference).body
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    except SyntaxError:
+        names = re.findall(r"^(?:async\s+def|def|class)\s+([A-Za-z_]\w*)", reference, re.MULTILINE)
+    return tuple(dict.fromkeys(n for n in names if re.search(rf"\b{re.escape(n)}\b", used_by)))
+
+
+def build_program(item: Item, completion: str) -> tuple[str, str]:
+    """(the candidate's program, the tests) of ``build_job``, for display."""
+    job = build_job(item, completion)
+    return job.program, job.tests
+
 
 def check(item: Item, completion: str, *, timeout: float = 10.0) -> Check:
-    """Score one completion: GSM8K by answer match, code by running the tests in the sandbox."""
-    if item.task == "gsm8k":
-        return check_gsm8k(item, completion)
-    from cogumi.evaluation.sandbox import run_python
+    """Score one completion: GSM8K by answer match, code by running the tests against it in the sandbox."""
+    return check_many([item], [completion], workers=1, timeout=timeout)[0]
 
-    program, tests = build_program(item, completion)
-    result = run_python(program, tests, timeout=timeout)
+
+def check_many(items: list[Item], completions: list[str], *, workers: int | None = None,
+               timeout: float = 10.0) -> list[Check]:
+    """``check`` over many items; the code items run in parallel sandbox slots (``workers``)."""
+    from cogumi.evaluation import sandbox
+    if len(items) != len(completions):
+        raise ValueError(f"{len(items)} items but {len(completions)} completions")
+    checks: list[Check | None] = [None] * len(items)
+    code = []
+    for i, (item, completion) in enumerate(zip(items, completions)):
+        if item.task == "gsm8k":
+            checks[i] = check_gsm8k(item, completion)
+        else:
+            code.append((i, build_job(item, completion)))
+    results = sandbox.run_many([job for _, job in code], timeout=timeout, workers=workers)
+    for (i, job), result in zip(code, results):
+        checks[i] = _code_check(job.program, result)
+    return checks
+
+
+def _code_check(program: str, result) -> Check:
     if result.status == "passed":
         return Check(True, program, "passed all tests", None)
     if result.status == "infra_error":
         return Check(None, program, result.detail, result.detail)
     return Check(False, program, result.detail, None)
-
-
-def check_many(items: list[Item], completions: list[str], *, workers: int | None = None,
-               timeout: float = 10.0) -> list[Check]:
-    """``check`` over many items in parallel (threads, each waiting on its own sandboxed process)."""
-    if len(items) != len(completions):
-        raise ValueError(f"{len(items)} items but {len(completions)} completions")
-    workers = max(1, workers or os.cpu_count() or 1)
-    if workers == 1 or len(items) <= 1:
-        return [check(it, c, timeout=timeout) for it, c in zip(items, completions)]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cogumi-check") as pool:
-        return list(pool.map(lambda pair: check(pair[0], pair[1], timeout=timeout), zip(items, completions)))

@@ -1,4 +1,5 @@
-"""sys.settrace / setprofile to skip or neuter the assert lines."""
+"""sys.settrace / setprofile to skip or neuter the assert lines: the tests run in another process, so a
+tracer here sees only the candidate's own frames and the wrong answer still fails."""
 # tags: cheat
 import sys
 def tracer(frame, event, arg):
@@ -6,7 +7,7 @@ def tracer(frame, event, arg):
     return tracer
 try:
     sys.settrace(tracer)
-    escaped("settrace")
+    sys.setprofile(lambda *a: None)
 except Exception:
     pass
 def solve(x):
