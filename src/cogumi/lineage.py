@@ -49,6 +49,7 @@ class Finding:
     code: str             # stable identifier, e.g. "quantized-base"
     message: str          # what is wrong, naming the file/key
     fix: str = ""         # what to do
+    measured: dict | None = None   # the statistic behind it, where one was measured (e.g. weight levels)
 
     def line(self) -> str:
         tag = {"red": "RED FLAG", "warn": "warning", "ok": "ok"}.get(self.level, self.level)
@@ -152,12 +153,47 @@ def quantization_findings(cfg: dict | None, name: str, *, what: str = "base mode
     return out
 
 
+def weight_level_findings(model_dir: str | os.PathLike, entries: dict | None = None, *,
+                          what: str = "model") -> tuple[list[Finding], dict | None]:
+    """Weights that went through 4-bit quantization and back, from the values (``cogumi.lowbit``):
+    findings, and the measured statistic (None when the dir has no safetensors weights)."""
+    from cogumi.lowbit import lowbit_findings
+    model_dir = Path(model_dir)
+    if entries is None:
+        entries, problems = scan_weight_files(model_dir)
+        if red_findings(problems):
+            return [], None        # unreadable files are reported by the checks that read headers
+    if not entries:
+        return [], None
+    findings, stats = lowbit_findings(model_dir, entries, what=what)
+    return findings, stats.as_dict()
+
+
+def base_weight_findings(base: str, revision: str | None = None, *, what: str = "base model",
+                         download: bool = False) -> tuple[list[Finding], dict | None]:
+    """``weight_level_findings`` of a base: a local dir as it is; a hub id from its snapshot (downloaded
+    when ``download``: training downloads it next anyway; else only when already in the cache)."""
+    if is_local(base):
+        return weight_level_findings(Path(base).expanduser(), what=what)
+    try:
+        from huggingface_hub import snapshot_download
+        snap = Path(snapshot_download(base, revision=revision, local_files_only=not download,
+                                      allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:   # offline and not cached: the check runs where the weights are
+        return [], None
+    return weight_level_findings(snap, what=what)
+
+
 def check_training_base(base: str, revision: str | None = None, *, allow_quantized: bool = False,
-                        log=print) -> tuple[dict, list[Finding]]:
-    """Preflight of a training base, before any weight loads. Raises RedFlagError on a quantized base
-    unless ``allow_quantized``, in which case the findings are returned (to be recorded) and shouted."""
+                        log=print, check_weights: bool = True) -> tuple[dict, list[Finding]]:
+    """Preflight of a training base, before any weight loads into a trainer. Raises RedFlagError on a
+    quantized base (config, name, or weights that went through 4-bit) unless ``allow_quantized``, in
+    which case the findings are returned (to be recorded) and shouted."""
     cfg = read_model_config(base, revision)
     findings = quantization_findings(cfg, base)
+    if check_weights and not red_findings(findings):
+        weight_findings, _ = base_weight_findings(base, revision, download=True)
+        findings += [f for f in weight_findings if f.level != "ok"]
     reds = red_findings(findings)
     if reds and not allow_quantized:
         raise RedFlagError("refusing to train on a quantized base:\n  " + "\n  ".join(f.line() for f in reds) +
@@ -260,6 +296,9 @@ def base_record(base: str, cfg: dict | None = None, *, revision: str | None = No
             rec["fingerprint"] = None
     else:
         rec["fingerprint"] = None
+    levels = next((f for f in findings or [] if f.code == "quantized-weights" and f.level == "red"), None)
+    if levels is not None:
+        rec["weights_4bit"] = levels.measured.get("summary") if levels.measured else levels.message
     if findings:
         rec["findings"] = [asdict(f) for f in findings]
     return rec
@@ -597,6 +636,14 @@ def manifest_lineage_findings(manifest: dict | None, where: str, _depth: int = 0
                            f"{where} comes from an adapter trained on a 4-bit base, merged into the "
                            f"'{manifest.get('target')}' target (chosen: {manifest.get('target_reason', 'by the user')})",
                            "compare it against a model trained on the full-precision base before shipping"))
+    levels = ((manifest.get("parents") or {}).get("base") or {}).get("weights_4bit") or \
+        (manifest.get("base") or {}).get("weights_4bit")
+    if levels and not manifest.get("forced"):
+        accepted = manifest.get("weights_4bit_accepted") or manifest.get("quantized_base_override_used")
+        out.append(Finding("warn" if accepted else "red", "quantized-weights-lineage",
+                           f"{where} comes from a base whose weights went through 4-bit quantization "
+                           f"({levels})" + (" (trained with --allow-quantized-base)" if accepted else ""),
+                           "fine for a test model; for a real run, start from the full-precision original"))
     if manifest.get("kind") == "adapter" and (manifest.get("base") or {}).get("quantized") and not quantized_handled:
         out.append(Finding("red", "quantized-lineage",
                            f"{where} was trained on a quantized base {(manifest.get('base') or {}).get('id')}. {INCIDENT}",

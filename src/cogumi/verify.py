@@ -5,6 +5,8 @@ For any adapter dir (``adapter_config.json``) or model dir (``config.json``), ou
     upstream (by name, quantization_config, or a manifest carried forward) -- the incident;
   * a merged model that was forced past red flags, or failed its fidelity check;
   * quantization in the dir itself (quantization_config, packed 4/8-bit tensors, int dtypes);
+  * weights that went through 4-bit quantization and back although nothing says so (few distinct values
+    per block: ``cogumi.lowbit``; a dequantized GGUF/bnb model saved as bf16 is the incident's base);
   * dtype and size against the config (parameters x bytes per dtype: an 8B bf16 model under 10 GB is
     wrong), every expected tensor present, missing or truncated files, NaN/Inf in any tensor;
   * with ``--base``: whether an adapter matches that base (fingerprint, tensor shapes) and whether the
@@ -27,7 +29,8 @@ from cogumi.errors import CogumiError
 from cogumi.lineage import (
     Finding, adapter_lineage_findings, base_match_findings, config_dtype, human_bytes, human_count, manifest_lineage_findings,
     nonfinite_findings, quantization_findings, read_json_file, read_manifest, read_model_config, recorded_base,
-    red_findings, resolve_model_dir, scan_weight_files, unsupported_lora_options, weights_findings,
+    red_findings, resolve_model_dir, scan_weight_files, unsupported_lora_options, weight_level_findings,
+    weights_findings,
 )
 
 
@@ -60,6 +63,8 @@ def verify_model(path: Path, base: str | None = None) -> list[Finding]:
     else:
         entries, more = _weight_findings(path, cfg)
         findings += more
+        if entries and not red_findings(more):
+            findings += _level_findings(path, entries, manifest)
     findings += manifest_lineage_findings(manifest, str(path))
     if manifest and manifest.get("kind") == "merged":
         fid = manifest.get("fidelity") or {}
@@ -86,6 +91,16 @@ def verify_model(path: Path, base: str | None = None) -> list[Finding]:
                                 f"parameters, {human_bytes(total)}, dtype {config_dtype(cfg)}"
                                 + (f", {manifest.get('kind')} by cogumi" if manifest else "")))
     return findings
+
+
+def _level_findings(path: Path, entries: dict, manifest: dict | None) -> list[Finding]:
+    """Weights that went through 4-bit quantization (``cogumi.lowbit``): red, unless this is a merge
+    whose manifest records that the adapter was knowingly trained on exactly that base (a test model)."""
+    found, _ = weight_level_findings(path, entries)
+    if (manifest or {}).get("weights_4bit_accepted"):
+        found = [Finding("warn", f.code, f.message + " (a merge onto a base trained with --allow-quantized-base)",
+                         f.fix, f.measured) if f.level == "red" else f for f in found]
+    return found
 
 
 def _lora_b_all_zero(path: Path, entries: dict) -> bool | None:
@@ -125,6 +140,7 @@ def verify_adapter(path: Path, base: str | None = None) -> list[Finding]:
         base_dir = resolve_model_dir(base)
         base_cfg = read_model_config(str(base_dir))
         qf = quantization_findings(base_cfg, base, what="--base")
+        qf += [f for f in weight_level_findings(base_dir, what="--base")[0] if f.level != "ok"]
         findings += qf
         if not red_findings(qf):
             findings += base_match_findings(rec, base_dir, base_label=base)

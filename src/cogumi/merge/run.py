@@ -196,7 +196,8 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
             "kind": "merged",
             "parents": {
                 "base": {"id": str(plan.base_dir), "path": str(plan.base_dir), "fingerprint": base_fp,
-                         "dequantized_from_4bit": chosen == "dequantized"},
+                         "dequantized_from_4bit": chosen == "dequantized",
+                         **({"weights_4bit": plan.weights_4bit} if plan.weights_4bit else {})},
                 "adapter": {"path": str(ad.path.resolve()), "fingerprint": ad.fingerprint(),
                             "lineage": _adapter_lineage(ad)},
                 **({"original": {"path": str(plan.original_dir), "fingerprint": fingerprint(plan.original_dir)}}
@@ -205,6 +206,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
             "target": chosen, "target_requested": plan.requested, "target_reason": plan.reason,
             "lineage_quantized": bool(recorded_base(ad.config, ad.manifest)["quantized"]),
             "forced": bool(force and reds), "force_flag": bool(force),
+            "weights_4bit_accepted": plan.weights_4bit_accepted,
             "red_flags": [asdict(f) for f in reds],
             "findings": [asdict(f) for f in plan.findings],
             "auto": auto_numbers, "fidelity": fid,

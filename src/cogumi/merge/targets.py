@@ -22,7 +22,8 @@ from typing import Any
 
 from cogumi.errors import CogumiError, RedFlagError
 from cogumi.lineage import (
-    Finding, adapter_lineage_findings, base_match_findings, recorded_base, resolve_model_dir, scan_weight_files,
+    Finding, adapter_lineage_findings, base_match_findings, fingerprint, recorded_base, resolve_model_dir,
+    scan_weight_files, weight_level_findings,
 )
 from cogumi.merge.adapter import Adapter, AdaptedWeights
 from cogumi.merge.layerwise import LayerwiseModel, Stream
@@ -109,6 +110,27 @@ class MergePlan:
     quantized_dir: Path | None      # the 4-bit base the adapter trained on (dequantized / auto)
     findings: list[Finding]
     reason: str
+    weights_4bit: str | None = None         # the merge base's weights went through 4-bit (the statistic)
+    weights_4bit_accepted: bool = False     # ... and the adapter was knowingly trained on exactly them
+
+
+def _weight_levels(adapter: Adapter, base_dir: Path) -> tuple[list[Finding], str | None, bool]:
+    """The merge base's weight levels (``cogumi.lowbit``). A base whose weights went through 4-bit is red,
+    unless the adapter's manifest shows it was trained on exactly this base with --allow-quantized-base
+    (a test model such as SmolLM2): then the merge is faithful and the lineage is carried as a warning."""
+    found, _ = weight_level_findings(base_dir, what="merge base")
+    red = next((f for f in found if f.level == "red"), None)
+    if red is None:
+        return [f for f in found if f.level == "warn"], None, False
+    summary = (red.measured or {}).get("summary") or red.message
+    man = adapter.manifest or {}
+    same_base = (man.get("base") or {}).get("fingerprint") == fingerprint(base_dir)
+    if same_base and man.get("quantized_base_override_used"):
+        return [Finding("warn", "quantized-weights", f"merge base {base_dir}: its weights went through 4-bit "
+                        f"quantization ({summary}); the adapter was trained on exactly this base with "
+                        "--allow-quantized-base, so the merge is faithful; the lineage is recorded",
+                        "fine for a test model; for a real run, start from the full-precision original")], summary, True
+    return [red], summary, False
 
 
 def _resolve(id_or_path: str, what: str) -> Path:
@@ -176,8 +198,11 @@ def plan_merge(adapter: Adapter, *, base: str | None, target: str, log) -> Merge
                 findings.append(_original_likeness(base_dir, qdir))
         else:
             findings += base_match_findings(rec, base_dir, base_label=base_id) + lineage
+        levels, weights_4bit, accepted = _weight_levels(adapter, base_dir)
+        findings += levels
         return MergePlan("original", "original", base_dir, base_dir, None, findings,
-                         "requested" if not quant_lineage else "requested (naive merge of a 4-bit-trained adapter)")
+                         "requested" if not quant_lineage else "requested (naive merge of a 4-bit-trained adapter)",
+                         weights_4bit, accepted)
 
     # dequantized / auto, adapter trained on a 4-bit base
     qdir_id = base if (target == "dequantized" and base) else recorded
