@@ -275,7 +275,7 @@ def sandboxed_pythons(pids: list[int]) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(b"cogumi-sandbox-" in a for a in argv) and not argv[0].endswith(b"unshare"):
+        if any(a.startswith(b"cogumi-sandbox") for a in argv) and not argv[0].endswith(b"unshare"):
             found.append(pid)
     return found
 

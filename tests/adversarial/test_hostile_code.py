@@ -132,7 +132,7 @@ class Arena:
 
     def env(self) -> dict:
         return cli_env(**{SECRET_NAME: self.secret, "HF_TOKEN": self.secret, "TMPDIR": str(self.tmp),
-                          "HOME": str(self.home)})
+                          "HOME": str(self.home), "COGUMI_SANDBOX_TAG": self.token})
 
     # -- checks ----------------------------------------------------------------------------
     def escapes(self) -> list[str]:
@@ -164,7 +164,7 @@ class Arena:
                 found.append(f"a connection/datagram reached the {name} listener")
             except BlockingIOError:
                 pass
-        survivors = processes_under(self.tmp)
+        survivors = processes_under(self.tmp) + tagged_processes(f"cogumi-sandbox-{self.token}")
         if survivors:
             found.append(f"{len(survivors)} sandboxed process(es) survived: {survivors}")
             for pid in survivors:
@@ -203,6 +203,20 @@ def processes_under(root: Path) -> list[int]:
             continue
         if cwd.startswith(str(root)) and _proc_state(int(entry)) not in (None, "Z", "X"):
             found.append(int(entry))
+    return found
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes carrying ``tag`` in their command line (every sandbox process carries its run's tag)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if tag.encode() in Path(f"/proc/{entry}/cmdline").read_bytes() \
+                        and _proc_state(int(entry)) not in (None, "Z", "X"):
+                    found.append(int(entry))
+            except OSError:
+                pass
     return found
 
 
