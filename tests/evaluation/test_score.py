@@ -64,14 +64,15 @@ def test_score_with_reference_counts_wins_ties_losses(mbpp_case, tmp_path, capsy
 
 def test_infra_errors_and_missing_references_are_not_losses(mbpp_case, tmp_path, capsys, monkeypatch):
     rows, data, cand, ref = mbpp_case
-    real = sandbox.run_python
+    real = sandbox.run_many
 
-    def flaky(program, tests, timeout):  # the sandbox breaks on item 8's (wrong) program, on both sides
-        if "return 0" in program and rows[8]["code"].split("(")[0][4:] in program:
-            return sandbox.RunResult("infra_error", "sandbox: could not start")
-        return real(program, tests, timeout=timeout)
+    def flaky(jobs, **kwargs):  # the sandbox breaks on item 8's (wrong) program, on both sides
+        broken = rows[8]["code"].split("(")[0][4:]
+        results = real(jobs, **kwargs)
+        return [sandbox.RunResult("infra_error", "sandbox: could not start")
+                if "return 0" in job.program and broken in job.program else r for job, r in zip(jobs, results)]
 
-    monkeypatch.setattr(sandbox, "run_python", flaky)
+    monkeypatch.setattr(sandbox, "run_many", flaky)
     ref_rows = [json.loads(line) for line in open(ref)][:-1]  # no reference for the last item
     write_jsonl(ref, ref_rows)
     rc, stdout, _ = _run(capsys, "--task", "mbpp", "--data", data, "--predictions", cand, "--reference", ref,

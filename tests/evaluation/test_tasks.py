@@ -139,15 +139,16 @@ def test_mbpp_runs_code_then_setup_then_asserts():
            "test_setup_code": "chain = Node(Node(Node()))", "test_list": ["assert count(chain) == 3"],
            "challenge_test_list": []}
     item = Item("mbpp", "367", tasks.mbpp_prompt(row), row["code"], row)
-    program, tests = build_program(item, row["code"])
-    assert tests.index("chain = Node") < tests.index("assert count")
+    job = tasks.build_job(item, row["code"])
+    assert job.setup == "chain = Node(Node(Node()))" and job.tests.strip() == "assert count(chain) == 3"
+    assert job.entry_points == ("Node", "count")  # the solution's names the setup and tests use
     assert check(item, row["code"]).correct
     assert check(item, "```python\n" + row["code"] + "\nif __name__ == '__main__':\n    input()\n```").correct
 
 
 def test_infra_errors_are_not_wrong_answers(monkeypatch):
-    monkeypatch.setattr(sandbox, "run_python",
-                        lambda program, tests, timeout: sandbox.RunResult("infra_error", "sandbox: boom"))
+    monkeypatch.setattr(sandbox, "run_many",
+                        lambda jobs, **kw: [sandbox.RunResult("infra_error", "sandbox: boom") for _ in jobs])
     c = check(_he_item(), "    return x\n")
     assert c.correct is None and c.infra_error == "sandbox: boom"
 

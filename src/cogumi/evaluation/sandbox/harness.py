@@ -206,7 +206,7 @@ def run_tests(job: dict, candidate: Candidate) -> dict:
         return {"status": "infra_error", "layers": layers, "detail": f"the benchmark's test code does not parse: {e}"}
     found = candidate.lookup(wanted)
     namespace = {"__name__": "__tests__", "__builtins__": builtins}
-    bind_candidate_values(namespace, {k: v for k, v in found.items() if k not in entry_points})
+    bind_candidate_values(namespace, found)  # before the setup: it may build the candidate's objects
     phase = "setup"
     try:
         exec(compile(setup, "<setup>", "exec"), namespace)
