@@ -76,7 +76,7 @@ def cmd_compare(a) -> int:
 
 def cmd_gate(a) -> int:
     from cogumi.evaluation.commands import gate_command
-    return gate_command(a.results, criteria=a.criteria, as_json=a.json)
+    return gate_command(a.results, criteria=a.criteria, as_json=a.json, base=a.base)
 
 
 def cmd_failures(a) -> int:
@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("gate", cmd_gate, "check eval results against success criteria and red flags")
     sp.add_argument("results")
     sp.add_argument("--criteria", required=True)
+    sp.add_argument("--base", default=None, help="the base model's eval on the same items: base-relative rules "
+                    "and the likeliest cause of each failure")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("failures", cmd_failures, "mine lost items into a Phase 1B training set")

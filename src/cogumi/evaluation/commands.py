@@ -203,15 +203,21 @@ def load_summary(path: str | Path) -> dict:
     return summary
 
 
-def gate_command(results, *, criteria, as_json=False) -> int:
-    from cogumi.evaluation.gates import check_gates, format_gate_table, load_criteria
+def gate_command(results, *, criteria, as_json=False, base=None) -> int:
+    from cogumi.evaluation.gates import base_on_same_items, check_gates, fidelity_of, format_gate_table, load_criteria
 
     rules = load_criteria(criteria)
-    result = check_gates(load_summary(results), rules)
+    summary = load_summary(results)
+    base_summary, base_label = None, "base model"
+    if base:       # the base's eval, recounted on exactly this eval's items
+        run_dir = lambda p: Path(p).parent if Path(p).is_file() else Path(p)  # noqa: E731
+        base_summary, base_label = base_on_same_items(run_dir(base), run_dir(results))
+    result = check_gates(summary, rules, base=base_summary, base_label=base_label,
+                         fidelity=fidelity_of(summary.get("model")))
     print(json.dumps(result.as_dict(), indent=2) if as_json else format_gate_table(result))
     if result.red_flags:
         raise RedFlagError(f"gate {result.name}: red flag(s) {', '.join(r.name for r in result.red_flags)}: STOP. "
-                           f"Do not ship this model; see the table above.")
+                           f"Do not ship this model; see the table above (each red flag's likeliest cause).")
     if not result.passed:
         failed = [r.name for r in result.rows if r.kind == "criterion" and r.status != "pass"]
         raise GateFailed(f"gate {result.name}: failed {', '.join(failed)}")
