@@ -78,6 +78,8 @@ class JailArena(Arena):
     def __init__(self, base: Path):
         super().__init__(base)
         self.canary = f"cogumi-canary-{secrets.token_hex(12)}"
+        self.cli_cwd = base / "cli-cwd"     # the CLI's working directory: nothing may appear in it
+        self.cli_cwd.mkdir()
         self.planted: list[str] = []
         self.run_sock = f"/run/cogumi-adv-{self.token}.sock"
         self.devlog = "/dev/log"
@@ -167,6 +169,11 @@ class JailArena(Arena):
                 except OSError:
                     pass
         reap_orphans()
+        written = sorted(p.name for p in self.cli_cwd.iterdir())
+        if written:
+            found.append(f"something wrote in the CLI's working directory on the host: {written[:5]}")
+            for p in self.cli_cwd.iterdir():
+                subprocess.run(["rm", "-rf", "--one-file-system", str(p)], check=False)
         leftovers = [p for p in self.tmp.iterdir()]
         if leftovers:
             found.append(f"the sandbox left {len(leftovers)} temporary path(s) behind: {leftovers[:3]}")
@@ -376,7 +383,7 @@ def score_batch(arena: JailArena, work: Path, task: str, entries: list[Entry], *
     sent = {e.label: json.loads(line)["completion"] for e, line in zip(entries, lines)}
     t0 = time.monotonic()
     proc = cli("score", "--task", task, "--data", data_file, "--predictions", preds_file, "--out", out,
-               "--workers", workers, "--timeout", timeout, env=arena.env(), timeout=1200)
+               "--workers", workers, "--timeout", timeout, env=arena.env(), timeout=1200, cwd=arena.cli_cwd)
     wall = time.monotonic() - t0
     raw = out.read_bytes() if out.exists() else None
     by_id = {}
@@ -456,8 +463,11 @@ def check_batch(arena: JailArena, batch: Batch, entries: list[Entry], watch: Hos
     unattributed = [r for r in reached if not any(f" {name}" in r for name in outcomes)]
     problems += [f"a listener got something no attack signed: {r}" for r in unattributed]
     for name, why in attribute(host + (watch.findings() if watch else []), entries).items():
-        if outcomes.get(name, ("", ""))[0] in ("contained", "infra"):
+        outcome, before = outcomes.get(name, ("contained", ""))
+        if outcome in ("contained", "infra"):
             outcomes[name] = ("escape", why)
+        elif outcome in ("false_pass", "escape") and why not in before:
+            outcomes[name] = (outcome, f"{before}; and {why}")
     return {"outcomes": outcomes, "problems": problems, "host": host,
             "watch": watch.figures() if watch else None, "wall_s": round(batch.wall_s, 1),
             "jail": batch.jail_report}
@@ -473,6 +483,8 @@ def attribute(findings: list[str], entries: list[Entry]) -> dict[str, str]:
         named = [a for a in attacks if a.name in finding]
         if not named and "victim" in finding:
             named = [a for a in attacks if "@@VICTIM_PID@@" in a.template and "kill" in a.template]
+        elif not named and "working directory" in finding:
+            named = [a for a in attacks if "builtin" in a.name]
         elif not named and "watched file" in finding:
             named = [a for a in attacks if "@@SENTINEL@@" in a.template or "@@WATCHED@@" in a.template]
         elif not named and ("disk" in finding or "shm" in finding):
