@@ -30,7 +30,7 @@ def row(task, task_id, prompt, *, correct, ref_correct, gold="", completion="bad
             "outcome": outcome, "tie_kind": tie_kind, "judge": None}
 
 
-def write_run(dir_: Path, rows, data_ident=None) -> Path:
+def write_run(dir_: Path, rows, data_ident=None, split="train") -> Path:
     dir_.mkdir(parents=True, exist_ok=True)
     write_jsonl(dir_ / "results.jsonl", rows)
     tasks = {}
@@ -39,7 +39,7 @@ def write_run(dir_: Path, rows, data_ident=None) -> Path:
         tasks[r["task"]]["n"] += 1
         if data_ident:
             tasks[r["task"]]["data"] = data_ident
-    (dir_ / "summary.json").write_text(json.dumps({"model": "m", "reference": "r", "tasks": tasks}))
+    (dir_ / "summary.json").write_text(json.dumps({"model": "m", "reference": "r", "tasks": tasks, "split": split}))
     return dir_
 
 
@@ -73,15 +73,19 @@ def mined_run(tmp_path):
 
 def test_losses_only_targets_and_infra(mined_run, tmp_path):
     out = tmp_path / "p1b.jsonl"
-    stats = mine_failures([mined_run], out)
+    stats = mine_failures([mined_run], out, allow_test_split=True)     # HumanEval has only a test split
     rows = read_jsonl(out)
     assert [(r["source"].split(":")[0], r["task_id"]) for r in rows] == \
         [("gsm8k", "0"), ("mbpp", "602"), ("humaneval", "HumanEval/7")]
     assert all(r["failure_type"] == "loss" for r in rows)
-    assert set(rows[0]) == {"instruction", "output", "source", "task_id", "failure_type"}
-    # target = the reference's answer where it was right
+    assert set(rows[0]) == {"instruction", "output", "source", "target_source", "task_id", "failure_type"}
+    # no worked solution on record for GSM8K here: the reference's answer, verified right
     assert rows[0]["output"] == "Ann has 2+3=5 pens.\n#### 5" and rows[0]["source"] == "gsm8k:reference"
-    assert rows[1]["output"].startswith("```python\ndef rev")
+    assert rows[0]["target_source"] == "reference_verified"
+    # MBPP's own code beats the reference's (equally right) answer
+    assert rows[1]["output"] == "```python\ndef rev(s):\n    return s[::-1]\n```"
+    assert rows[1]["target_source"] == "gold_solution"
+    assert stats["test_split_items"] == 1 and stats["targets"] == {"reference_verified": 2, "gold_solution": 1}
     # a HumanEval body-only answer becomes the whole program that ran, fenced
     assert rows[2]["output"] == '```python\ndef inc(x):\n    """Return x + 1."""\n    return x + 1\n```'
     assert stats["infra_excluded"] == 2 and stats["written"] == 3
@@ -90,7 +94,7 @@ def test_losses_only_targets_and_infra(mined_run, tmp_path):
 
 def test_both_wrong_option_uses_gold(mined_run, tmp_path):
     out = tmp_path / "p1b.jsonl"
-    stats = mine_failures([mined_run], out, include_both_wrong=True)
+    stats = mine_failures([mined_run], out, include_both_wrong=True, allow_test_split=True)
     rows = {r["task_id"]: r for r in read_jsonl(out)}
     assert rows["1"]["failure_type"] == "both_wrong"
     assert rows["1"]["output"] == "4*7=28\n#### 28" and rows["1"]["source"] == "gsm8k:gold"
@@ -120,7 +124,10 @@ def test_gold_solutions_come_from_the_recorded_data_file(tmp_path):
     run = write_run(tmp_path / "r", rows, data_ident=str(data))
     mine_failures([run], tmp_path / "o.jsonl", include_both_wrong=True)
     out = read_jsonl(tmp_path / "o.jsonl")
-    assert out[0]["output"] == "The total is 7 apples.\n#### 7"       # format line added
+    # the reference was right by luck ("The total is 7 apples."): the benchmark's worked solution wins
+    a0, b0 = items[0]["question"].split("What is ")[1].rstrip("?").split(" plus ")
+    assert out[0]["output"] == f"{a0} + {b0} = {int(a0) + int(b0)}\n#### {int(a0) + int(b0)}"
+    assert [r["target_source"] for r in out] == ["gold_solution"] * 3
     # worked solution, calculator annotations removed, ends with the answer line
     a, b = items[1]["question"].split("What is ")[1].rstrip("?").split(" plus ")
     assert out[1]["output"] == f"{a} + {b} = {int(a) + int(b)}\n#### {int(a) + int(b)}"
@@ -239,3 +246,40 @@ def test_prompt_template_is_not_evidence_of_overlap():
     leaked = gsm8k_prompt("Dot has 5 cats and buys 7 more cats.")     # gate item 3, verbatim
     hit = d.match("gsm8k", "99", leaked)
     assert hit["by"] == "ngram" and hit["gate_task_id"] == "3"
+
+
+def test_test_split_items_are_refused_without_the_flag(tmp_path, capsys):
+    from cogumi.cli import main
+    rows = [row("gsm8k", 0, "Ann has 2 pens and buys 3 more pens at the store, how many now?", correct=False,
+                ref_correct=True, gold=GSM_GOLD),
+            row("mbpp", 12, "Write a function to add two numbers. assert add(1, 2) == 3", correct=False,
+                ref_correct=True, gold="def add(a, b):\n    return a + b")]            # MBPP 11-510: test
+    test_run = write_run(tmp_path / "test", rows, data_ident="/data/gsm8k/test.jsonl", split="test")
+    out = tmp_path / "o.jsonl"
+    with pytest.raises(DataError, match="2 of the 2 items to write are TEST-split items") as e:
+        mine_failures([test_run], out)
+    assert "--allow-test-split" in str(e.value) and "gsm8k/0" in str(e.value) and not out.exists()
+    assert main(["failures", str(test_run), "--out", str(out)]) == 2 and not out.exists()
+    assert "TEST-split" in capsys.readouterr().err
+    assert main(["failures", str(test_run), "--out", str(out), "--allow-test-split"]) == 0
+    assert len(read_jsonl(out)) == 2 and "TEST-split items (--allow-test-split)" in capsys.readouterr().out
+    # train-split items of the same benchmarks are fine
+    train = write_run(tmp_path / "train", [dict(rows[0]), dict(rows[1], task_id="620")],
+                      data_ident="/data/gsm8k/train.jsonl", split="train")
+    assert mine_failures([train], out)["written"] == 2
+
+
+def test_nothing_written_is_said_plainly(mined_run, tmp_path):
+    from cogumi.failures import format_stats
+    stats = mine_failures([mined_run], tmp_path / "o.jsonl", exclude=[mined_run])
+    text = format_stats(stats)
+    assert "wrote 0 rows" in text and "(by task: ; targets: )" not in text
+
+
+def test_gate_items_shared_by_two_evals_count_once(mined_run, tmp_path):
+    """validate-base and validate-1a hold the same items: they are one set of gate items."""
+    import shutil
+    twin = tmp_path / "twin"
+    shutil.copytree(mined_run, twin)
+    stats = mine_failures([mined_run], tmp_path / "o.jsonl", exclude=[mined_run, twin])
+    assert stats["gate_items"] == 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -321,3 +322,167 @@ def test_cost_adds_gpu_time_and_api_spend(tmp_path):
     assert eval_stage["cost_usd"] == pytest.approx(1.25 + eval_stage["seconds"], abs=0.01)
     assert cpu_stage["cost_usd"] == 0.0
     assert summary["total_cost_usd"] == pytest.approx(eval_stage["cost_usd"], abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# preflight checks the whole plan before paid work; gates attribute; per-stage memory (issue 16)
+# ---------------------------------------------------------------------------------------------
+
+PHASE1A = REPO / "configs" / "criteria" / "phase1a.yaml"
+
+
+def tiny_plan(tmp_path, tiny_base, extra: str = "", criteria: str = str(PHASE1A), mining_file="gsm_train.jsonl",
+              prompt: str | None = None) -> Path:
+    from cogumi.tiny import synthetic_gsm8k, synthetic_instructions, write_jsonl
+    write_jsonl(tmp_path / "gsm_test.jsonl", synthetic_gsm8k("test", 10))
+    write_jsonl(tmp_path / "gsm_train.jsonl", synthetic_gsm8k("train", 10))
+    write_jsonl(tmp_path / "data.jsonl", synthetic_instructions(8))
+    (tmp_path / "run.yaml").write_text(f"base_model: {tiny_base}\noutput_dir: out\ndata: {{train: data.jsonl}}\n")
+    (tmp_path / "ref.jsonl").write_text("")
+    p = tmp_path / "plan.yaml"
+    p.write_text(textwrap.dedent(f"""
+        name: t
+        baseline: false
+        phase1a: {{config: run.yaml}}
+        validation:
+          tasks: {{gsm8k: {{data: gsm_test.jsonl}}}}
+          reference: ref.jsonl
+          {f'prompt: {prompt}' if prompt else ''}
+        gate: {{criteria: {criteria}}}
+        mining:
+          tasks: {{gsm8k: {{data: {mining_file}, split: train}}}}
+        phase1b:
+          train: {{config: run.yaml}}
+        """) + extra)
+    return p
+
+
+def stopped_at_preflight(tmp_path, plan: Path, match: str) -> str:
+    from cogumi.pipeline import run_pipeline
+    with pytest.raises(ConfigError, match="stopped at stage 01-preflight") as e:
+        run_pipeline(plan, run_dir=tmp_path / "run", log=lambda *_: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_at"] == "preflight"
+    assert all(s["status"] in ("pending", "disabled") for s in summary["stages"][1:])   # nothing trained
+    assert not (tmp_path / "run" / "stages" / "03-train-1a").exists()
+    assert re.search(match, str(e.value), re.S), str(e.value)
+    return str(e.value)
+
+
+def test_criteria_naming_a_task_the_plan_does_not_evaluate_stop_at_preflight(tmp_path, tiny_base):
+    """A GSM8K-only plan with the shipped criteria (HumanEval/MBPP rules) could never pass its gate."""
+    msg = stopped_at_preflight(tmp_path, tiny_plan(tmp_path, tiny_base), "gate.criteria.*humaneval, mbpp")
+    assert "validation.tasks.humaneval" in msg and "code_wins" in msg
+
+
+def test_mining_items_that_are_validation_items_stop_at_preflight(tmp_path, tiny_base):
+    only_gsm8k = "{criteria: [{name: acc, tasks: [gsm8k], metric: accuracy, min: 0.1}]}"
+    plan = tiny_plan(tmp_path, tiny_base, criteria=only_gsm8k, mining_file="gsm_test.jsonl")
+    msg = stopped_at_preflight(tmp_path, plan, "mining.tasks.gsm8k and validation.tasks.gsm8k share 10 item")
+    assert "Phase 1B would train on the items it is gated on" in msg
+
+
+def test_a_missing_prompt_set_stops_at_preflight(tmp_path, tiny_base):
+    only_gsm8k = "{criteria: [{name: acc, tasks: [gsm8k], metric: accuracy, min: 0.1}]}"
+    plan = tiny_plan(tmp_path, tiny_base, criteria=only_gsm8k, prompt="no-such-prompt-set")
+    stopped_at_preflight(tmp_path, plan, "validation.prompt.*no-such-prompt-set")
+
+
+def test_an_unreachable_reference_endpoint_stops_at_preflight(tmp_path, tiny_base, monkeypatch):
+    import socket
+    with socket.socket() as s:                     # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
+    only_gsm8k = "{criteria: [{name: acc, tasks: [gsm8k], metric: accuracy, min: 0.1}]}"
+    plan = tiny_plan(tmp_path, tiny_base, criteria=only_gsm8k)
+    plan.write_text(plan.read_text().replace("reference: ref.jsonl", "reference: openai:gpt-4"))
+    stopped_at_preflight(tmp_path, plan, "validation.reference is 'openai:gpt-4'.*not reachable")
+
+
+def test_the_prompt_key_reaches_run_eval(tmp_path, tiny_base):
+    from cogumi.pipeline.stages import _eval_settings
+    only_gsm8k = "{criteria: [{name: acc, tasks: [gsm8k], metric: accuracy, min: 0.1}]}"
+    plan = load_plan(tiny_plan(tmp_path, tiny_base, criteria=only_gsm8k, prompt="training"))
+    assert _eval_settings(plan, mining=False)["prompt"] == "training"
+    assert _eval_settings(plan, mining=True)["prompt"] == "training"     # mining asks as validation does
+
+
+def _eval_dir(d: Path, correct: list[bool], ref: list[bool], model: str = "m") -> Path:
+    from cogumi.evaluation.judge import exact_outcome
+    from cogumi.evaluation.runner import summarize
+    rows = []
+    for i, (c, r) in enumerate(zip(correct, ref)):
+        outcome, tie_kind = exact_outcome(c, r)
+        rows.append({"task": "gsm8k", "task_id": str(i), "prompt": f"q{i}", "correct": c, "truncated": False,
+                     "repetition": 0.0, "reference": {"correct": r}, "outcome": outcome, "tie_kind": tie_kind})
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = summarize(rows, ["gsm8k"])
+    s.update(model=model, reference="ref", judge={"kind": "exact"})
+    (d / "summary.json").write_text(json.dumps(s))
+    return d
+
+
+def test_gate_stop_names_the_base_on_the_same_items_and_the_fidelity(tmp_path):
+    """The STOP rule of a model that scores 2/20 against a strong reference, while the base scored 1/20
+    on the same items and the merge matched the adapter: the message says the base already scores this
+    (not 'the corrupted merge')."""
+    from cogumi.pipeline.plan import Plan
+    from cogumi.pipeline.stages import stage_gate
+    plan = Plan()
+    plan.gate.criteria = {"name": "g", "reference": {"assumes": "GPT-4", "min_accuracy": 0.8},
+                          "red_flags": [{"name": "ties_collapsed", "tasks": ["gsm8k"], "metric": "tie_rate",
+                                         "min": 0.5}]}
+    ref = [i < 18 for i in range(20)]
+
+    def validate(who, correct):
+        def run(ctx):
+            d = _eval_dir(ctx.dir / "eval", correct, ref)
+            ctx.output("results", d / "results.jsonl")
+            ctx.output("summary", d / "summary.json")
+        return run
+
+    def merge(ctx):
+        m = ctx.dir / "merged"
+        m.mkdir()
+        (m / "cogumi.json").write_text(json.dumps({"kind": "merged", "fidelity": {"passed": True, "kl_mean": 1e-5,
+                                                                                  "top1_agreement": 1.0}}))
+        ctx.output("merged", m)
+
+    stages = [Stage(2, "validate-base", "base", validate("base", [i == 0 for i in range(20)])),
+              Stage(5, "merge-1a", "merge", merge),
+              Stage(7, "validate-1a", "1a", validate("1a", [i < 2 for i in range(20)])),
+              Stage(8, "gate-1a", "gate", stage_gate(plan, "1a"), needs=("validate-1a", "validate-base", "merge-1a"),
+                    optional=("validate-base",))]
+    with pytest.raises(RedFlagError) as e:
+        Engine(stages, tmp_path / "run", log=lambda *_: None).run(resume=False)
+    msg = str(e.value)
+    assert "the base already scores this" in msg and "the base (validate-base) scores 3/20 (15%) on tie_rate on " \
+        "the same items, this model 4/20 (20%)" in msg
+    assert "fidelity check passed" in msg and "corrupted merge" not in msg
+    gate = json.loads((tmp_path / "run" / "stages" / "08-gate-1a" / "gate.json").read_text())
+    assert gate["rows"][0]["base_value"] == pytest.approx(0.15) and gate["fidelity"].startswith("the merge matches")
+
+
+def test_each_stage_reports_its_own_peak_memory(tmp_path):
+    """A light stage after a heavy one reports its own peak, not the process's (a merge after training)."""
+    held = []
+
+    def heavy(ctx):
+        big = bytearray(400 * 2**20)             # touched (zero-filled): 400 MiB resident
+        held.append(len(big))
+
+    def light(ctx):
+        small = bytearray(20 * 2**20)
+        held.append(len(small))
+
+    summary = Engine([Stage(1, "heavy", "heavy", heavy), Stage(2, "light", "light", light)], tmp_path / "r",
+                     log=lambda *_: None).run(resume=False)
+    recs = {n: json.loads((tmp_path / "r" / "stages" / d / "stage.json").read_text())["memory"]
+            for n, d in (("heavy", "01-heavy"), ("light", "02-light"))}
+    if recs["light"]["rss_scope"] != "this work":
+        pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
+    assert recs["heavy"]["peak_rss_gib"] - recs["light"]["peak_rss_gib"] > 0.3
+    assert summary["stages"][1]["peak_rss_gib"] == recs["light"]["peak_rss_gib"]

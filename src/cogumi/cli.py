@@ -82,7 +82,7 @@ def cmd_gate(a) -> int:
 def cmd_failures(a) -> int:
     from cogumi.failures import failures_command
     return failures_command(a.results, out=a.out, include_both_wrong=a.include_both_wrong,
-                            exclude=a.exclude, ngram=a.ngram, overlap=a.overlap)
+                            exclude=a.exclude, ngram=a.ngram, overlap=a.overlap, allow_test_split=a.allow_test_split)
 
 
 def cmd_pipeline(a) -> int:
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude", action="append", help="eval results/benchmark file whose items must not leak in")
     sp.add_argument("--ngram", type=int, default=8)
     sp.add_argument("--overlap", type=float, default=0.5)
+    sp.add_argument("--allow-test-split", action="store_true",
+                    help="write TEST-split items too (refused by default: training on them voids later scores)")
 
     sp = verb("pipeline", cmd_pipeline, "run the whole plan: train, verify, merge, validate, gate, Phase 1B")
     sp.add_argument("plan")

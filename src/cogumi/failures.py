@@ -4,11 +4,19 @@ Features:
   * reads one or more eval results (``results.jsonl`` files or eval run dirs, docs/design.md contract);
   * keeps the items the model LOST to the reference (never ties, per the plan); ``include_both_wrong``
     adds ties where both sides were wrong;
-  * target = the reference's answer where the reference was right (the GPT-4 answer), else the dataset's
-    gold solution in the shape the model is asked for (GSM8K worked solution ending ``#### N``, a fenced
-    Python program for MBPP/HumanEval), read from the benchmark file the eval recorded in summary.json;
-  * rows ``{instruction, output, source, task_id, failure_type}``, deduplicated (same task+id, or the same
+  * target = the benchmark's own gold solution where one exists, in the shape the model is asked for
+    (GSM8K's worked answer ending ``#### N``, MBPP's code, HumanEval's prompt + canonical solution, fenced),
+    read from the benchmark file the eval recorded in summary.json; else the reference's answer, only when
+    it was verified correct (its answer checked like the model's); else, for GSM8K, the gold final answer
+    alone. A reference that is right by luck with nonsense reasoning is never preferred to the benchmark's
+    worked solution;
+  * rows ``{instruction, output, source, target_source, task_id, failure_type}``: ``target_source`` is
+    ``gold_solution``, ``reference_verified`` or ``gold_answer``; deduplicated (same task+id, or the same
     normalised instruction);
+  * test-split items are refused (``DataError``, nothing written) unless ``allow_test_split``: training on
+    the benchmark's test items makes every later score on them meaningless. Test items: every HumanEval
+    item (one split), MBPP ids 11-510 (its test split), GSM8K items from a file named like a test split or
+    an eval recorded as split ``test``;
   * infrastructure failures (``infra_error`` on either side: sandbox error, timeout, API failure) are never
     a model failure: excluded and counted;
   * decontamination against the gate items (``exclude``: eval results or benchmark files): an item is
@@ -16,7 +24,8 @@ Features:
     of its word n-grams (``ngram`` words) with one gate item's text; every removal is reported.
 
 Failure modes: a missing/malformed results file -> DataError naming file and line; an exclude file in
-an unknown format -> DataError saying which formats are accepted; no rows at all -> DataError.
+an unknown format -> DataError saying which formats are accepted; no rows at all -> DataError; test-split
+items without ``allow_test_split`` -> DataError naming them.
 The output file is written atomically (temp + rename).
 """
 
@@ -77,6 +86,38 @@ def _check_result_row(row: dict, path: Path, lineno: int) -> None:
     if "outcome" not in row:
         raise DataError(f"{path}:{lineno}: results row has no 'outcome'; the eval must be run with a --reference "
                         "so that wins/ties/losses exist")
+
+
+MBPP_TEST_IDS = range(11, 511)       # the MBPP paper's split: 1-10 prompt, 11-510 test, 511-600 validation
+
+
+def _recorded_splits(results_file: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(task -> split, task -> data file) an eval recorded in its summary.json."""
+    try:
+        s = json.loads((results_file.parent / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}, {}
+    tasks = s.get("tasks") or {}
+    split = s.get("split")
+    splits = {t: str(split.get(t) if isinstance(split, dict) else split) for t in tasks} if split else {}
+    data = {t: str(e.get("data")) for t, e in tasks.items() if isinstance(e, dict) and e.get("data")}
+    return splits, data
+
+
+def test_split_reason(task: str, task_id: str, split: str | None, data: str | None) -> str | None:
+    """Why an item belongs to its benchmark's test split, or None."""
+    if task == "humaneval":
+        return "HumanEval has only a test split"
+    if task == "mbpp":
+        return "MBPP ids 11-510 are its test split" if task_id.isdigit() and int(task_id) in MBPP_TEST_IDS else None
+    if task == "gsm8k":
+        stem = Path(data).stem.lower() if data else ""
+        if "train" in stem:
+            return None
+        if "test" in stem:
+            return f"from {data}"
+        return "the eval was run on the test split" if split in (None, "None", "test") else None
+    return None
 
 
 def read_results(path: str | Path) -> tuple[Path, list[dict]]:
@@ -303,8 +344,24 @@ def classify(row: dict, include_both_wrong: bool) -> str | None:
     return None
 
 
+def choose_target(row: dict, solutions: dict | None) -> tuple[str | None, str | None]:
+    """(training target, where it came from): the benchmark's solution, else the reference's answer when it
+    was verified correct, else (GSM8K) the gold final answer alone."""
+    key = (str(row.get("task")), str(row.get("task_id")))
+    if solutions and solutions.get(key):
+        return solutions[key], "gold_solution"
+    gold = gold_solution(row)
+    if gold is not None and row.get("task") in ("mbpp", "humaneval"):
+        return gold, "gold_solution"            # the row's gold is the benchmark's code
+    if (row.get("reference") or {}).get("correct") is True and reference_answer(row):
+        return reference_answer(row), "reference_verified"
+    if gold is not None:
+        return gold, "gold_answer"
+    return None, None
+
+
 def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclude=(), ngram: int = 8,
-                  overlap: float = 0.5, gold_solutions: dict | None = None) -> dict:
+                  overlap: float = 0.5, gold_solutions: dict | None = None, allow_test_split: bool = False) -> dict:
     """Write the Phase 1B set to ``out`` (JSONL) and return statistics of what was kept and removed."""
     if isinstance(result_files, (str, Path)):
         result_files = [result_files]
@@ -313,6 +370,8 @@ def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclud
     gate_items: list[GateItem] = []
     for e in exclude or ():
         gate_items += load_gate_items(e)
+    # the same item in several excluded evals (validate-base and validate-1a) is one gate item
+    gate_items = list({(g.task, g.task_id, g.data, g.text): g for g in gate_items}.values())
     decon = Decontaminator(gate_items, ngram=ngram, overlap=overlap)
 
     stats: dict = {
@@ -325,9 +384,11 @@ def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclud
     kept: list[dict] = []
     seen_ids: set[tuple] = set()
     seen_text: set[str] = set()
+    test_items: list[str] = []
     for f in result_files:
         path, rows = read_results(f)
         idents = _data_identities(path)
+        splits, data_files = _recorded_splits(path)
         solutions = gold_solutions if gold_solutions is not None else gold_solutions_for(path)
         stats["results"].append(str(path))
         for row in rows:
@@ -357,22 +418,29 @@ def mine_failures(result_files, out, *, include_both_wrong: bool = False, exclud
                 stats["contaminated"].append({"task": task, "task_id": task_id, **hit})
                 stats["contaminated_by"][hit["by"]] += 1
                 continue
-            if (row.get("reference") or {}).get("correct") is True and reference_answer(row):
-                output, origin = reference_answer(row), "reference"
-            else:
-                output, origin = gold_solution(row, solutions), "gold"
+            output, target_source = choose_target(row, solutions)
             if output is None:
                 stats["no_target"] += 1
                 continue
+            reason = test_split_reason(task, task_id, splits.get(task), data_files.get(task))
+            if reason:
+                test_items.append(f"{task}/{task_id} ({reason})")
+            origin = "reference" if target_source == "reference_verified" else "gold"
             seen_ids.add(id_key)
             seen_text.add(text_key)
             kept.append({"instruction": instruction, "output": output, "source": f"{task}:{origin}",
-                         "task_id": task_id, "failure_type": failure_type})
+                         "target_source": target_source, "task_id": task_id, "failure_type": failure_type})
             stats["by_task"][task] += 1
             stats["by_failure_type"][failure_type] += 1
-            stats["targets"][origin] += 1
+            stats["targets"][target_source] += 1
     if stats["rows"] == 0:
         raise DataError(f"no rows in {', '.join(map(str, result_files))}: nothing to mine")
+    stats["test_split_items"] = len(test_items)
+    if test_items and not allow_test_split:
+        raise DataError(f"{len(test_items)} of the {len(kept)} items to write are TEST-split items (e.g. "
+                        + ", ".join(test_items[:4]) + "): training on them makes every later score on the "
+                        "benchmark meaningless. Mine an eval of TRAIN-split items (GSM8K train.jsonl, MBPP "
+                        "--split train), or pass --allow-test-split if this is deliberate. Nothing was written.")
     atomic_write_jsonl(out, kept)
     stats["written"] = len(kept)
     stats["out"] = str(out)
@@ -396,15 +464,21 @@ def format_stats(stats: dict) -> str:
                      + (f" (overlap {c['overlap']})" if c["overlap"] is not None else "") + f" in {c['gate_source']}")
     if len(stats["contaminated"]) > 10:
         lines.append(f"  ... and {len(stats['contaminated']) - 10} more")
-    lines.append(f"wrote {stats['written']} rows to {stats['out']} (by task: "
-                 + ", ".join(f"{k}={v}" for k, v in sorted(stats["by_task"].items()))
-                 + "; targets: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["targets"].items())) + ")")
+    if stats["written"]:
+        lines.append(f"wrote {stats['written']} rows to {stats['out']} (by task: "
+                     + ", ".join(f"{k}={v}" for k, v in sorted(stats["by_task"].items()))
+                     + "; targets: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["targets"].items())) + ")")
+    else:
+        lines.append(f"wrote 0 rows to {stats['out']}: no lost item left to train on")
+    if stats.get("test_split_items"):
+        lines.append(f"warning: {stats['test_split_items']} row(s) are TEST-split items (--allow-test-split)")
     return "\n".join(lines)
 
 
-def failures_command(results, *, out, include_both_wrong=False, exclude=None, ngram=8, overlap=0.5) -> int:
+def failures_command(results, *, out, include_both_wrong=False, exclude=None, ngram=8, overlap=0.5,
+                     allow_test_split=False) -> int:
     stats = mine_failures(list(results), out, include_both_wrong=include_both_wrong, exclude=exclude or (),
-                          ngram=ngram, overlap=overlap)
+                          ngram=ngram, overlap=overlap, allow_test_split=allow_test_split)
     print(format_stats(stats))
     if not exclude:
         print("warning: no --exclude given, so nothing checked that these items are not gate/validation items; "

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from cogumi.lineage import (
     FLOAT_DTYPES, INDEX_NAME, Finding, fingerprint, human_bytes, library_versions, read_model_config, recorded_base,
     red_findings, scan_weight_files, weights_findings, write_manifest,
 )
+from cogumi.memory import PeakMemory
 from cogumi.merge.adapter import Adapter, AdaptedWeights, check_adapter_fits, load_adapter
 from cogumi.merge.fidelity import FIDELITY_KL_MAX, FIDELITY_KL_REL, FIDELITY_TOP1_MIN, fidelity_check, load_tokenizer, probe_rows
 from cogumi.merge.layerwise import LayerwiseModel
@@ -60,10 +60,6 @@ def _copy_side_files(out: Path, base_dir: Path, adapter_dir: Path, original_dir:
                 shutil.copyfile(tok_dir / name, out / name)
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: str | None = None,
                   target: str = "original", holdout: str | os.PathLike | None = None, overwrite: bool = False,
                   force: bool = False, fidelity: bool = True, log: Callable[[str], Any] = print,
@@ -71,6 +67,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
     """Merge ``adapter`` into its base and write a HF model dir at ``out``; returns the manifest."""
     from cogumi.io import atomic_dir
     t_start = time.time()
+    memory = PeakMemory().__enter__()       # this merge's own peak, not the process's (a pipeline trained first)
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise CogumiError(f"{out} already exists; pass --overwrite to replace it")
@@ -215,7 +212,7 @@ def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, base: s
                        "lora_modules_merged": stats["lora_modules_merged"], "merge_jobs": stats["jobs"]},
             "libraries": library_versions(),
             "merge_wall_s": round(merge_s, 2), "wall_s": round(time.time() - t_start, 2), "timings_s": timings,
-            "peak_rss_gib": round(_peak_rss_gib(), 3),
+            **memory.read(),
         }
         write_manifest(tmp, manifest)
     log(f"merged model: {out} ({human_bytes(total)}, {out_tag}, target '{chosen}'{', FORCED' if manifest['forced'] else ''}); "

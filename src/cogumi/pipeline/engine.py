@@ -1,7 +1,9 @@
 """The stage engine: runs stages in order in a run dir, records each, resumes, stops at red flags.
 
 See ``cogumi.pipeline`` for the protocol (stage dirs, ``started.json`` / ``stage.json`` records, input
-hashes, ``--resume``, the run lock, fault injection). Nothing here knows what a stage does.
+hashes, ``--resume``, the run lock, fault injection). Nothing here knows what a stage does. Each
+record carries the stage's own peak memory (``cogumi.memory``: the resettable RSS high-water mark, so a
+merge after training reports the merge's peak, not training's).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable
 
 from cogumi.errors import CogumiError, GateFailed, RedFlagError
 from cogumi.io import atomic_write_json, atomic_write_text, sha256_file
+from cogumi.memory import PeakMemory
 
 SUMMARY_NAME = "summary.json"
 RECORD_NAME = "stage.json"
@@ -60,6 +63,7 @@ class StageContext:
     restarted: bool = False
     outputs: dict[str, Path] = field(default_factory=dict)
     findings: list[dict] = field(default_factory=list)
+    memory: Any = None                    # PeakMemory of the stage's work (set by the engine)
 
     def output(self, name: str, path: str | Path) -> Path:
         """Register an artifact of this stage (hashed into its record and its consumers' input hashes)."""
@@ -290,6 +294,7 @@ class Engine:
             return
         ctx.log(f"[{stage.dirname}] {stage.title}")
         _faults(stage.name, "start")
+        ctx.memory = PeakMemory().__enter__()      # this stage's own peak RSS / GPU memory
         try:
             if self.capture_output:
                 with open(sdir / "log.txt", "a", encoding="utf-8", buffering=1) as fh, \
@@ -328,6 +333,8 @@ class Engine:
         record.update(status=status, finished=_now(), seconds=round(seconds, 3),
                       cost_usd=round(gpu_cost + api_cost, 4),
                       outputs=outputs, metrics=metrics or {}, findings=ctx.findings)
+        if ctx.memory is not None:
+            record["memory"] = ctx.memory.read()
         if reason:
             record["reason"] = reason
         if fix:
@@ -361,6 +368,7 @@ class Engine:
                 entry = {"name": s.name, "index": s.index, "title": s.title, "status": rec.get("status"),
                          "seconds": rec.get("seconds", 0.0), "cost_usd": rec.get("cost_usd", 0.0),
                          "reused": bool(rec.get("reused")), "restarted": bool(rec.get("restarted")),
+                         "peak_rss_gib": (rec.get("memory") or {}).get("peak_rss_gib"),
                          "dir": f"stages/{s.dirname}"}
                 for k in ("reason", "fix"):
                     if rec.get(k):

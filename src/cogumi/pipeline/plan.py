@@ -56,6 +56,7 @@ class EvalPlan:
     few_shot: int = 0
     workers: int | None = None
     timeout: float = 10.0
+    prompt: str | None = None             # prompt set: a built-in name (default, chat, training) or a YAML file
 
 
 @dataclass
@@ -68,6 +69,7 @@ class GatePlan:
 class MiningPlan:
     tasks: dict = field(default_factory=dict)      # task -> TaskPlan fields (train splits)
     reference: str | None = None          # default: validation.reference
+    prompt: str | None = None             # default: validation.prompt (mine with the prompt you validate with)
     include_both_wrong: bool = False
     ngram: int = 8
     overlap: float = 0.5
@@ -162,6 +164,14 @@ def _resolve_ref(value: str, key: str, source: str, base_dir: Path) -> str:
     return resolve_local(value, key, source, base_dir)
 
 
+def _resolve_prompt(value: str | None, key: str, source: str, base_dir: Path) -> str | None:
+    """A prompt set's name as is; a file path resolved like every other path of the plan. Whether it
+    exists and parses is checked at preflight (``prompts.resolve``)."""
+    if not value or not any(c in value for c in "/\\."):
+        return value
+    return resolve_local(value, key, source, base_dir)
+
+
 def parse_plan(raw: dict, *, source: str = "plan", base_dir: Path | None = None) -> Plan:
     """Validate a raw plan mapping into a ``Plan`` (paths resolved, tasks and criteria checked)."""
     base_dir = base_dir or Path.cwd()
@@ -183,6 +193,8 @@ def parse_plan(raw: dict, *, source: str = "plan", base_dir: Path | None = None)
     need(bool(plan.validation.reference), "validation.reference",
          "is required: a predictions file/dir, a model dir, or openai:MODEL (e.g. openai:gpt-4)")
     plan.validation.reference = _resolve_ref(plan.validation.reference, "validation.reference", source, base_dir)
+    plan.validation.prompt = _resolve_prompt(plan.validation.prompt, "validation.prompt", source, base_dir)
+    plan.mining.prompt = _resolve_prompt(plan.mining.prompt, "mining.prompt", source, base_dir)
     need(plan.validation.max_new_tokens > 0, "validation.max_new_tokens", "must be > 0")
     need(plan.validation.batch_size > 0, "validation.batch_size", "must be > 0")
     plan.gate.criteria = _resolve_criteria(plan.gate.criteria, "gate.criteria", source, base_dir)

@@ -136,7 +136,8 @@ def stage_merge(plan: Plan, phase: str):
 def _eval_settings(plan: Plan, *, mining: bool) -> dict:
     v = plan.validation
     reference = (plan.mining.reference or v.reference) if mining else v.reference
-    return {"reference": reference, "judge": v.judge, "judge_model": v.judge_model, "endpoint": v.endpoint,
+    prompt = (plan.mining.prompt or v.prompt) if mining else v.prompt
+    return {"reference": reference, "prompt": prompt, "judge": v.judge, "judge_model": v.judge_model, "endpoint": v.endpoint,
             "api_model": v.api_model, "seed": v.seed, "max_new_tokens": v.max_new_tokens,
             "batch_size": v.batch_size, "few_shot": v.few_shot, "workers": v.workers, "timeout": v.timeout}
 
@@ -219,9 +220,18 @@ def stage_gate(plan: Plan, phase: str):
     criteria = plan.gate.criteria if phase == "1a" else (plan.phase1b.criteria or plan.gate.criteria)
 
     def run(ctx: StageContext) -> dict:
-        from cogumi.evaluation.gates import check_gates, format_gate_table
+        from cogumi.evaluation.gates import (
+            base_on_same_items, check_gates, fail_message, fidelity_of, format_gate_table, stop_message,
+        )
+        validated = ctx.input(f"validate-{phase}", "results")
         summary = json.loads(ctx.input(f"validate-{phase}", "summary").read_text(encoding="utf-8"))
-        result = check_gates(summary, criteria)
+        base = base_label = None
+        if ctx.has_input("validate-base", "results"):     # the base on exactly these items: what fine-tuning changed
+            base, label = base_on_same_items(ctx.input("validate-base", "results").parent, validated.parent)
+            base_label = "validate-base" + (label[label.index(" ("):] if " (" in label else "")
+        fidelity = fidelity_of(str(ctx.input(f"merge-{phase}", "merged"))) if ctx.has_input(f"merge-{phase}", "merged") \
+            else None
+        result = check_gates(summary, criteria, base=base, base_label=base_label or "base model", fidelity=fidelity)
         table = format_gate_table(result)
         for line in table.splitlines():
             ctx.log(line)
@@ -237,18 +247,14 @@ def stage_gate(plan: Plan, phase: str):
         verdict["regression"] = regression
         atomic_write_json(ctx.dir / "gate.json", {**verdict, "table": table})
         ctx.output("gate", ctx.dir / "gate.json")
-        metrics = {"passed": result.passed and not regression, "red_flags": [r.name for r in result.red_flags],
-                   "criteria_passed": result.criteria_passed, "regression": regression}
         if result.red_flags:
-            raise RedFlagError(f"gate {result.name}: red flag(s) {', '.join(r.name for r in result.red_flags)} -- "
-                               + "; ".join(f"{r.name}: {r.reason}" for r in result.red_flags)
-                               + ". STOP: the model is broken (the corrupted merge of the incident looked like this).")
+            raise RedFlagError(stop_message(result).rstrip(".") + ". STOP: do not ship this model.")
         if regression:
             raise GateFailed(f"gate {result.name}: {regression}")
         if not result.criteria_passed and plan.gate.stop_on_fail:
-            failed = [r for r in result.rows if r.kind == "criterion" and r.status != "pass"]
-            raise GateFailed(f"gate {result.name}: " + "; ".join(f"{r.name} {r.reason}" for r in failed))
-        return metrics
+            raise GateFailed(fail_message(result))
+        return {"passed": result.passed and not regression, "red_flags": [r.name for r in result.red_flags],
+                "criteria_passed": result.criteria_passed, "regression": regression}
     return run
 
 
@@ -331,16 +337,21 @@ def _criteria_identity(criteria) -> Any:
     return criteria if isinstance(criteria, dict) else file_identity(criteria)
 
 
+def _settings_identity(settings: dict) -> dict:
+    """Eval settings as hashed: the reference and a prompt file by content, names as they are."""
+    ref, prompt = settings["reference"], settings.get("prompt")
+    return {**settings, "reference": ref if _is_endpoint_ref(ref) else file_identity(ref),
+            "prompt": file_identity(prompt) if prompt and Path(prompt).is_file() else prompt}
+
+
 def build_stages(plan: Plan) -> list[Stage]:
     """The plan as stages (see the module docstring). Each stage's config is what its input hash covers."""
     v = plan.validation
     p1b = plan.phase1b.enabled
     settings = _eval_settings(plan, mining=False)
-    settings_id = {**settings, "reference": file_identity(settings["reference"])
-                   if not _is_endpoint_ref(settings["reference"]) else settings["reference"]}
+    settings_id = _settings_identity(settings)
     mine_settings = _eval_settings(plan, mining=True)
-    mine_id = {**mine_settings, "reference": file_identity(mine_settings["reference"])
-               if not _is_endpoint_ref(mine_settings["reference"]) else mine_settings["reference"]}
+    mine_id = _settings_identity(mine_settings)
     val_tasks = _tasks_identity(v.tasks, v.seed)
     t1a = _train_identity(plan.phase1a)
     no1b = "phase1b.enabled is false"
@@ -367,7 +378,7 @@ def build_stages(plan: Plan) -> list[Stage]:
           keep_on_restart=("eval",), gpu=True),
         S(8, "gate-1a", "gate Phase 1A", stage_gate(plan, "1a"),
           config={"criteria": _criteria_identity(plan.gate.criteria), "stop_on_fail": plan.gate.stop_on_fail},
-          needs=("validate-1a",)),
+          needs=("validate-1a", "validate-base", "merge-1a"), optional=("validate-base",)),
         S(9, "mine-1a", "evaluate Phase 1A on train-split items (where does it lose?)", stage_mine(plan),
           config={"tasks": _tasks_identity(plan.mining.tasks, v.seed) if p1b else None, "settings": mine_id},
           needs=("merge-1a",), keep_on_restart=("eval",), gpu=True, enabled=p1b, disabled_reason=no1b),
@@ -395,7 +406,8 @@ def build_stages(plan: Plan) -> list[Stage]:
         S(17, "gate-1b", "gate Phase 1B", stage_gate(plan, "1b"),
           config={"criteria": _criteria_identity(plan.phase1b.criteria or plan.gate.criteria),
                   "stop_on_fail": plan.gate.stop_on_fail, "stop_on_regression": plan.phase1b.stop_on_regression},
-          needs=("validate-1b", "compare-1a-1b"), enabled=p1b, disabled_reason=no1b),
+          needs=("validate-1b", "compare-1a-1b", "validate-base", "merge-1b"), optional=("validate-base",),
+          enabled=p1b, disabled_reason=no1b),
         S(18, "incident", "the 4-bit incident, reproduced on the tiny model", stage_incident(),
           config={"version": 1}, keep_on_restart=("work",), enabled=plan.incident, disabled_reason="incident is false (the demo turns it on)"),
     ]
