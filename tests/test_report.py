@@ -193,3 +193,41 @@ def test_cli(run_dir, capsys):
     from cogumi.cli import main
     assert main(["report", str(run_dir)]) == 0
     assert "report.html" in capsys.readouterr().out
+
+
+def test_a_plain_eval_dir_is_reported_with_its_truncation(tmp_path):
+    from cogumi.evaluation.runner import summarize
+    rows = eval_rows(3, {"gsm8k": 0.5, "mbpp": 0.4}, {"gsm8k": 20, "mbpp": 10})
+    for i, r in enumerate(rows):
+        r.update(truncated=i % 4 == 0, repetition=0.1)
+        r["reference"].update(truncated=False, repetition=0.0)
+    d = tmp_path / "eval"
+    d.mkdir()
+    atomic_write_jsonl(d / "results.jsonl", rows)
+    atomic_write_json(d / "summary.json", {"model": "my-model", "reference": "gpt-4 predictions",
+                                           "judge": {"kind": "exact"}, "prompt": {"name": "training"},
+                                           **summarize(rows)})
+    page = write_report(d).read_text()
+    md = (d / "report.md").read_text()
+    assert "cogumi eval report: eval" in page and "my-model" in page and "training" in page
+    assert "truncated" in md and "25% (5) [ref 0%]" in md                # gsm8k: 5 of 20 hit max_new_tokens
+    assert "outcomes.png" in md                                          # wins/ties/losses against the reference
+
+
+def test_a_plain_training_dir_is_reported(tmp_path):
+    d = tmp_path / "train-out"
+    (d / "adapter").mkdir(parents=True)
+    atomic_write_jsonl(d / "train_log.jsonl", [{"step": s, "loss": 2.0 / s} for s in range(1, 6)])
+    atomic_write_json(d / "adapter" / "cogumi.json", {
+        "kind": "adapter", "phase": "1a", "base": {"id": "tiny-base"}, "steps": 5, "tokens_seen": 1234,
+        "losses": {"first": 2.0, "last": 0.4}, "wall_time_s": 12.0, "global_batch_size": 8,
+        "red_flags": [{"level": "red", "code": "quantized-weights", "message": "base went through 4-bit"}]})
+    page = write_report(d).read_text()
+    assert "cogumi training report: train-out" in page and "tiny-base" in page and "2.000 -&gt; 0.400" in page
+    assert "base went through 4-bit" in page and "data:image/png;base64" in page     # the loss curve
+    assert (d / "report.md").exists()
+
+
+def test_a_directory_of_nothing_says_what_it_needs(tmp_path):
+    with pytest.raises(CogumiError, match="eval run dir.*cogumi train"):
+        write_report(tmp_path)

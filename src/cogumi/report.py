@@ -15,8 +15,12 @@ Plots are matplotlib (Agg backend, no display needed), embedded in the HTML as b
 no external asset, script or font, so the file can be mailed or archived. report.md links the same
 PNGs, written beside it in ``report_files/``. Both files are written atomically.
 
-Failure modes: a RUN_DIR without summary.json -> CogumiError saying it is not a pipeline run dir; a
-missing or unreadable artifact is shown as missing in its section rather than failing the report.
+A plain eval run dir (``cogumi eval --out``) gets its own page (accuracy, wins/ties/losses, truncation
+against its reference); a plain training output dir (``cogumi train``) gets the adapter's manifest and
+the loss curve. The headline shows each phase's truncated rate (generations that hit max_new_tokens).
+
+Failure modes: a directory that is none of the three -> CogumiError saying what each needs; a missing or
+unreadable artifact is shown as missing in its section rather than failing the report.
 """
 
 from __future__ import annotations
@@ -326,6 +330,13 @@ def _short(h: str | None, n: int = 16) -> str:
     return f"{kind}:{digest[:n]}" if digest else str(h)[:n]
 
 
+def _truncated_cell(entry: dict) -> str:
+    rate, ref = entry.get("truncated_rate"), entry.get("reference_truncated_rate")
+    if rate is None:
+        return "-"
+    return f"{_pct(rate)} ({entry.get('truncated', '?')})" + (f" [ref {_pct(ref)}]" if ref is not None else "")
+
+
 def phase_summaries(run: Run) -> list[tuple[str, str, dict]]:
     out = []
     for phase, stage, label in PHASES:
@@ -519,7 +530,7 @@ def _headline(doc: Doc, run: Run, phases):
         return
     tasks = list(dict.fromkeys(t for _, _, s in phases for t in (s.get("tasks") or {})))
     header = ["task"] + [f"{label} accuracy (95% CI)" for _, label, _ in phases] + \
-             [f"{label} W/T/L" for _, label, _ in phases]
+             [f"{label} W/T/L" for _, label, _ in phases] + [f"{label} truncated" for _, label, _ in phases]
     rows = []
     for t in tasks:
         row = [t]
@@ -529,8 +540,12 @@ def _headline(doc: Doc, run: Run, phases):
         for _, _, s in phases:
             e = (s.get("tasks") or {}).get(t) or {}
             row.append(f"{e.get('wins', '-')}/{e.get('ties', '-')}/{e.get('losses', '-')}")
+        for _, _, s in phases:
+            row.append(_truncated_cell((s.get("tasks") or {}).get(t) or {}))
         rows.append(row)
     doc.table(header, rows)
+    doc.p("Truncated: generations that hit max_new_tokens without finishing (a model that loops); the "
+          "reference's rate in brackets. A model that loops on many more items than the base is broken.", "muted")
     ref = phases[-1][2].get("reference")
     doc.p(f"Reference: {ref}. W/T/L = wins / ties / losses against the reference (exact judge: both "
           "answers checked objectively).", "muted")
@@ -755,10 +770,77 @@ def build(run: Run) -> Doc:
     return doc
 
 
+class PlainDir:
+    """A directory that is not a pipeline run: an eval run dir (summary.json with tasks) or a training
+    output dir (train_log.jsonl / adapter/). Offers what the section builders read from a ``Run``."""
+
+    def __init__(self, path: Path, kind: str):
+        self.dir, self.kind = path, kind
+        self.summary: dict = {"name": path.name}
+        self.records: dict = {}
+
+    def criteria(self) -> dict:
+        return {}
+
+
+def detect(run_dir: str | Path):
+    """A ``Run`` for a pipeline run dir, a ``PlainDir`` for an eval or training dir; else CogumiError."""
+    d = Path(run_dir)
+    summary = _read_json(d / "summary.json")
+    if isinstance(summary, dict) and "stages" in summary:
+        return Run(d)
+    if isinstance(summary, dict) and isinstance(summary.get("tasks"), dict):
+        return PlainDir(d, "eval")
+    if (d / "train_log.jsonl").exists() or (d / "adapter" / "adapter_config.json").exists():
+        return PlainDir(d, "train")
+    raise CogumiError(f"{run_dir}: nothing to report here: expected a `cogumi pipeline` run dir (summary.json with "
+                      "stages), an eval run dir (summary.json with tasks) or a `cogumi train` output dir "
+                      "(train_log.jsonl, adapter/)")
+
+
+def build_eval(plain: PlainDir) -> Doc:
+    """An eval run dir: per-task accuracy, wins/ties/losses, truncation, against its reference."""
+    doc = Doc()
+    s = _read_json(plain.dir / "summary.json")
+    doc.h(1, f"cogumi eval report: {plain.dir.name}")
+    prompt = s.get("prompt") or {}
+    doc.p(f"Model {s.get('model', '-')} against reference {s.get('reference') or '(none)'}; judge "
+          f"{(s.get('judge') or {}).get('kind', '-')}; prompt set {prompt.get('name', '-')}; finished "
+          f"{s.get('finished', '-')}. Eval dir: {plain.dir}.", "muted")
+    phases = [("1a", "model", s)]
+    _headline(doc, plain, phases)
+    if s.get("reference"):
+        _outcomes(doc, plain, phases)
+    return doc
+
+
+def build_train(plain: PlainDir) -> Doc:
+    """A training output dir: the adapter's manifest (base, steps, tokens, losses, red flags) and the loss curve."""
+    doc = Doc()
+    from cogumi.lineage import MANIFEST_NAME
+    man = _read_json(plain.dir / "adapter" / MANIFEST_NAME) or {}
+    doc.h(1, f"cogumi training report: {plain.dir.name}")
+    base = man.get("base") or {}
+    if man:
+        losses = man.get("losses") or {}
+        doc.table(["base", "phase", "steps", "tokens", "loss first -> last", "time", "global batch"],
+                  [[base.get("id", "-"), man.get("phase", "-"), man.get("steps", "-"), man.get("tokens_seen", "-"),
+                    f"{losses['first']:.3f} -> {losses['last']:.3f}" if losses.get("first") is not None else "-",
+                    _fmt_seconds(man.get("wall_time_s")), man.get("global_batch_size", "-")]])
+        reds = [f.get("message", str(f)) for f in man.get("red_flags") or [] if isinstance(f, dict)]
+        doc.bullets(reds, "red")
+    else:
+        doc.p("No finished adapter here yet (adapter/cogumi.json is written when training ends).", "muted")
+    doc.image("loss.png", plot_losses({"training": _read_jsonl(plain.dir / "train_log.jsonl")}),
+              "training loss curve")
+    return doc
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.html (self-contained) and report.md (+ report_files/*.png); returns the HTML path."""
-    run = Run(run_dir)
-    doc = build(run)
+    """Write report.html (self-contained) and report.md (+ report_files/*.png) for a pipeline run dir, an
+    eval run dir or a training output dir; returns the HTML path."""
+    run = detect(run_dir)
+    doc = build(run) if isinstance(run, Run) else build_eval(run) if run.kind == "eval" else build_train(run)
     out = Path(out) if out else run.dir / "report.html"
     if out.suffix != ".html":
         out = out / "report.html"
