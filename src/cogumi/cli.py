@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = verb("eval", cmd_eval, "generate and judge against a reference on gsm8k/humaneval/mbpp")
     sp.add_argument("model", help="model dir, adapter dir, hub id, or openai:MODEL for an endpoint")
     sp.add_argument("--tasks", default="gsm8k,humaneval,mbpp")
-    sp.add_argument("--n", type=int, default=None, help="items per task (deterministic sample)")
+    sp.add_argument("--n", type=int, default=None, help="items per task, a deterministic sample by --seed "
+                    "(default: all items -- e.g. all 1,319 GSM8K test items)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--data", action="append", metavar="TASK=FILE", help="local benchmark file for a task")
     sp.add_argument("--reference", help="predictions file/dir, an eval run dir, model dir, or openai:MODEL")
@@ -212,7 +213,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="demo-run")
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--resume", action="store_true")
+    _show_defaults(p)
     return p
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's --help line ends with its default (options without help text get one), so nothing
+    silently means something; None/False defaults are left to the help text, which says what they mean."""
+    for sub in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for sp in sub.choices.values():
+            for action in sp._actions:
+                if (not action.option_strings or action.default is None or action.default is False
+                        or action.default == argparse.SUPPRESS
+                        or "%(default)" in (action.help or "") or action.help == argparse.SUPPRESS):
+                    continue
+                action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
