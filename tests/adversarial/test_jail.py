@@ -483,8 +483,10 @@ def attribute(findings: list[str], entries: list[Entry]) -> dict[str, str]:
         named = [a for a in attacks if a.name in finding]
         if not named and "victim" in finding:
             named = [a for a in attacks if "@@VICTIM_PID@@" in a.template and "kill" in a.template]
-        elif not named and "working directory" in finding:
-            named = [a for a in attacks if "builtin" in a.name]
+        elif not named and "working directory" in finding:      # named by the item whose tests hold the name
+            written = re.findall(r"'([^']+)'", finding.split(":", 1)[1])
+            named = [e.attack for e in entries if e.attack is not None
+                     and any(w in json.dumps(e.row, ensure_ascii=False) for w in written)]
         elif not named and "watched file" in finding:
             named = [a for a in attacks if "@@SENTINEL@@" in a.template or "@@WATCHED@@" in a.template]
         elif not named and ("disk" in finding or "shm" in finding):
@@ -492,7 +494,7 @@ def attribute(findings: list[str], entries: list[Entry]) -> dict[str, str]:
         elif not named and "inodes" in finding:
             named = [a for a in attacks if a.klass == "disk" and "inodes" in a.name]
         for a in named:
-            blamed[a.name] = "host: " + finding
+            blamed[a.name] = (blamed[a.name] + "; " if a.name in blamed else "host: ") + finding
     return blamed
 
 
