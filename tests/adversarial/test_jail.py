@@ -505,7 +505,7 @@ def figures(records: list[dict]) -> dict:
              for k in CLASSES}
     for rec in records:
         for name, (outcome, _why) in rec["outcomes"].items():
-            klass = attacks[name].klass
+            klass = attacks[name.split("#")[0]].klass
             table[klass]["attacks"] += 1
             table[klass][outcome] += 1
     return {k: v for k, v in table.items() if v["attacks"]}
@@ -692,3 +692,27 @@ def test_sample_of_the_jail_corpus_is_contained(arena, tmp_path):
     records = run_corpus(arena, tmp_path, attacks, honest_per_task=2)
     print_figures(f"jail corpus sample ({[a.name for a in attacks]})", records)
     assert_contained(records)
+
+
+@pytest.mark.slow
+def test_cpu_starvers_in_three_slots_cost_honest_items_nothing(arena, tmp_path):
+    """Three CPU starvers at once (every slot but one busy burning) among honest items: the honest items must
+    still pass -- none may become a timeout or an 'overloaded machine' infrastructure error."""
+    starver = corpus()["other_cpu_starve_others"]
+    data_file = tmp_path / "data.jsonl"
+    hostile = attack_entries([starver], "humaneval", arena, data_file)[0]
+    copies = [Entry(f"{starver.name}#{k}", hostile.task, hostile.row, hostile.completion, starver) for k in range(3)]
+    honest = honest_entries("humaneval", 8, "starve")
+    entries = copies + honest              # the starvers take three slots first; honest items run beside them
+    set_subreaper(True)
+    try:
+        with HostWatch(arena.tmp) as watch:
+            batch = score_batch(arena, tmp_path, "humaneval", entries)
+    finally:
+        set_subreaper(False)
+        reap_orphans()
+    rec = check_batch(arena, batch, entries, watch)
+    rec["task"] = "humaneval-starve"
+    report("jail", {"kind": "starve", "under_test": UNDER_TEST or "checkout", **rec})
+    print_figures("three CPU starvers beside 8 honest items", [rec])
+    assert_contained([rec])
