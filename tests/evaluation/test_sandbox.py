@@ -250,6 +250,17 @@ HARNESS_CASES = {
     "a value nested too deep": (
         "def f(x):\n    a = []\n    for _ in range(5000): a = [a]\n    return a\n", "assert f(1) is not None", "",
         (), "failed"),
+    "a solution name bound to a builtin function runs in the jail, not the harness (MBPP 377)": (
+        "remove_Char = open\n", "assert remove_Char('aba', 'a') == 'b'", "", (), "failed"),
+    "eval bound to a solution name is not the harness's eval": (
+        "from_text = eval\n", "assert from_text('__import__(\"os\").getpid()') == __import__('os').getpid()",
+        "", (), "failed"),
+    "a tuple subclass with field names a namedtuple cannot take": (
+        "class P(tuple):\n    _fields = ('\\ufb01', 'fi')\nsolve = P((4, 6))\n", "assert solve == (4, 6)", "", (),
+        "failed"),
+    "the tests' module is the harness's own, not the solution's object (MBPP 596)": (
+        "class _Sys:\n    def getsizeof(self, o): return 7\nsys = _Sys()\ndef tuple_size(t): return 7\n",
+        "assert tuple_size((1, 2)) == sys.getsizeof((1, 2))", "", (), "failed"),
     # honest solutions that must pass
     "a builtin exception the tests expect": (
         "def f(x):\n    raise ValueError('bad')\n", "try:\n    f(1)\n    assert False\nexcept ValueError:\n    pass\n",

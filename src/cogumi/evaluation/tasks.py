@@ -303,9 +303,22 @@ def build_job(item: Item, completion: str):
         entry = item.data["entry_point"]
         return CodeJob(program, item.data["test"] + f"\n\ncheck({entry})\n", item.data["prompt"], (entry,))
     imports = "\n".join(item.data.get("test_imports") or [])
-    setup = "\n".join(x for x in (imports, item.data.get("test_setup_code") or "") if x)
+    setup = "\n".join(x for x in (imports, _solution_imports(item.data["code"]), item.data.get("test_setup_code") or "")
+                      if x)
     tests = "\n".join(item.data["test_list"]) + "\n"
     return CodeJob(program, tests, setup, _solution_names(item.data["code"], setup + "\n" + tests))
+
+
+def _solution_imports(reference: str) -> str:
+    """The reference solution's top-level imports: MBPP tests sometimes use a module only the solution
+    imports (596: ``sys.getsizeof``); the harness imports it itself rather than take the candidate's."""
+    import ast
+    try:
+        nodes = ast.parse(reference).body
+    except SyntaxError:
+        return ""
+    return "\n".join(ast.unparse(n) for n in nodes
+                     if isinstance(n, ast.Import) or isinstance(n, ast.ImportFrom) and not n.level)
 
 
 def _solution_names(reference: str, used_by: str) -> tuple[str, ...]:

@@ -91,9 +91,11 @@ class Candidate:
 
     def decode(self, tree):
         try:
-            return wire.decode_value(tree, self.remote)
+            return wire.decode_value(tree, self.remote, self.deadline)
         except wire.WireError as e:
             raise self.end("failed", f"the candidate sent a malformed value: {e}") from None
+        except TimeoutError:
+            raise self.end("timeout", "the time limit passed while reading the candidate's answer") from None
 
     def remote(self, handle: int, type_name: str):
         return wire.Remote(handle, type_name, self.invoke)
@@ -170,10 +172,14 @@ def free_names(source: str) -> set:
     return {n for n in read - bound if not hasattr(builtins, n)}
 
 
-def bind_candidate_values(namespace: dict, found: dict) -> None:
+def bind_candidate_values(namespace: dict, found: dict, entry_points) -> None:
+    """Bind what the candidate's program provides. A name the tests use as a module (the name of a standard
+    library module, or a module in the candidate's program) is this process's own import of it: the tests
+    compute their side of ``==`` with it (MBPP 596's tests call ``sys.getsizeof`` on the solution's ``sys``)."""
     import importlib
     for name, value in found.items():
-        if type(value) is wire.Remote and object.__getattribute__(value, "_type_name") == "module":
+        is_module = type(value) is wire.Remote and object.__getattribute__(value, "_type_name") == "module"
+        if name not in entry_points and (is_module or name in sys.stdlib_module_names):
             try:
                 namespace[name] = importlib.import_module(name)  # the harness's own, never the candidate's
                 continue
@@ -206,7 +212,7 @@ def run_tests(job: dict, candidate: Candidate) -> dict:
         return {"status": "infra_error", "layers": layers, "detail": f"the benchmark's test code does not parse: {e}"}
     found = candidate.lookup(wanted)
     namespace = {"__name__": "__tests__", "__builtins__": builtins}
-    bind_candidate_values(namespace, found)  # before the setup: it may build the candidate's objects
+    bind_candidate_values(namespace, found, entry_points)  # before the setup: it may build the candidate's objects
     phase = "setup"
     try:
         exec(compile(setup, "<setup>", "exec"), namespace)

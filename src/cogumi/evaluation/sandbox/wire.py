@@ -133,7 +133,6 @@ def encode_value(value, handle_of=None, *, limit_items: int = MAX_ITEMS):
 def _encode_stdlib(v, t, enc):
     """Values of the standard library's own value types, as plain parts the other side rebuilds with its
     own classes (a subclass is not one of them: it stays a handle)."""
-    import builtins
     import collections
     import datetime
     import decimal
@@ -173,9 +172,17 @@ def _encode_stdlib(v, t, enc):
     if issubclass(t, tuple) and t.__bases__ == (tuple,) and type(getattr(t, "_fields", None)) is tuple:
         return ["T", t.__name__ if type(t.__name__) is str else "namedtuple",
                 [f for f in t._fields if type(f) is str], [enc(x) for x in tuple.__iter__(v)]]
-    if isinstance(v, (type, type(len))) and getattr(builtins, getattr(v, "__name__", ""), None) is v:
+    if builtin_type(v):
         return ["B", v.__name__]
     return None
+
+
+def builtin_type(v) -> bool:
+    """A builtin *type* (``int``, ``str``, ``ValueError``) -- a value both sides may name. Never a builtin
+    function: ``eval``, ``open`` or ``getattr`` sent by name would run in the harness with the tests' args."""
+    import builtins
+    return isinstance(v, type) and type(getattr(v, "__name__", None)) is str \
+        and getattr(builtins, v.__name__, None) is v
 
 
 class MatchResult:
@@ -232,9 +239,10 @@ def _type_name(v) -> str:
     return sanitize(str(name) if type(name) is str else "?", 80)
 
 
-def decode_value(tree, remote=None):
+def decode_value(tree, remote=None, deadline: float | None = None):
     """The plain value a tagged tree describes. ``remote(handle, type_name)`` makes handles (harness side);
-    without it a handle is an error (jail side: the harness sends only plain data and handles it was given)."""
+    without it a handle is an error (jail side: the harness sends only plain data and handles it was given).
+    ``TimeoutError`` when ``deadline`` (``time.monotonic()``) passes while decoding a huge value."""
     count = [0]
 
     def fail(why):
@@ -255,6 +263,8 @@ def decode_value(tree, remote=None):
         count[0] += 1
         if count[0] > MAX_ITEMS:
             fail("message has too many values")
+        if deadline is not None and count[0] % 4096 == 0 and time.monotonic() > deadline:
+            raise TimeoutError("the time limit passed while reading the candidate's value")
         if depth > MAX_DEPTH:
             fail("message nested too deeply")
         if type(node) is not list or not node or type(node[0]) is not str:
@@ -310,6 +320,26 @@ def decode_value(tree, remote=None):
         fail(f"unknown tag {tag[:10]!r}")
 
     return dec(tree, 0)
+
+
+MAX_FIELDS = 256
+
+
+def _plain_identifier(name: str) -> bool:
+    import keyword
+    return 0 < len(name) <= 64 and name.isascii() and name.isidentifier() and not keyword.iskeyword(name) \
+        and not name.startswith("_")
+
+
+_NAMEDTUPLES: dict = {}
+
+
+def _namedtuple(typename: str, fields: tuple):
+    import collections
+    key = (typename, fields)
+    if key not in _NAMEDTUPLES:
+        _NAMEDTUPLES[key] = collections.namedtuple(typename, fields)
+    return _NAMEDTUPLES[key]
 
 
 STDLIB_TAGS = {"C", "O", "D", "q", "UL", "UD", "US", "ba", "r", "Q", "M", "dt", "td", "K", "V", "I", "m", "T", "B"}
@@ -384,14 +414,17 @@ def _decode_stdlib(tag, args, dec, fail, to_float, num):
                 fail("bad match")
             return MatchResult(group0, groups, span, groupdict)
         if tag == "T" and len(args) == 3 and type(args[0]) is str and type(args[1]) is list:
-            fields = [f for f in args[1] if type(f) is str]
-            cls = collections.namedtuple(args[0][:100], fields)
-            return cls(*items(args[2]))
+            names = [args[0], *args[1]]
+            if len(names) > MAX_FIELDS or not all(type(n) is str and _plain_identifier(n) for n in names):
+                fail("bad namedtuple")
+            return _namedtuple(args[0], tuple(args[1]))(*items(args[2]))
         if tag == "B" and len(args) == 1 and type(args[0]) is str:
             value = getattr(builtins, args[0], None)
-            if isinstance(value, (type, type(len))):
+            if builtin_type(value):
                 return value
-    except (ValueError, TypeError, OverflowError, ArithmeticError, UnicodeError):
+    except WireError:
+        raise
+    except Exception:  # noqa: BLE001 -- whatever a constructor objects to, the sender broke the protocol
         fail(f"bad {tag} value")
     fail(f"bad {tag} value")
 
