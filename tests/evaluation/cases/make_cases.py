@@ -181,7 +181,8 @@ def humaneval_cases(problems: list[dict]) -> list[dict]:
         "unterminated_fence_complete", "unterminated_fence_cut_mid_function", "unterminated_fence_cut_in_usage",
         "prose_around_unfenced_function", "body_in_fence", "helper_in_separate_block", "chat_crlf",
         "end_of_turn_then_junk", "doctest_transcript_in_block", "tab_indented_function_in_fence",
-        "redefines_prompt_helpers",
+        "redefines_prompt_helpers", "plain_then_fenced_tests", "prose_then_unfenced_body",
+        "closing_fence_on_code_line",
     ]
     for c, cat in enumerate(categories):
         chosen = pick(len(problems), c, 11)
@@ -295,6 +296,13 @@ def humaneval_cases(problems: list[dict]) -> list[dict]:
                                                     f"    return None\n\n\ndef _old_{first_def.name}(", 1)
                     add(cat, p, f"```python\n{restated}```", P + "\n" + restated, False, helper_ok)
                 add(cat, p, p["canonical_solution"], P + p["canonical_solution"], True, True)
+            elif cat == "plain_then_fenced_tests":
+                add(cat, p, B + f"\n```python\n# tests\nassert {E} is not None\nprint({E}.__name__)\n```\n",
+                    P + B, False, right)
+            elif cat == "prose_then_unfenced_body":
+                add(cat, p, "Here is the rest of the function:\n" + B + "\nThat completes it.\n", P + B, False, right)
+            elif cat == "closing_fence_on_code_line":
+                add(cat, p, f"```python\n{full.rstrip()}```\nDone.", P + "\n" + full, False, right)
     return cases
 
 
@@ -387,6 +395,7 @@ def gsm8k_cases(rows: list[dict]) -> list[dict]:
         "answer_phrase_then_more_numbers", "bold_markdown", "boxed", "decimal_zeros", "wrong_final",
         "no_number", "no_space_after_hashes", "units_after_number", "chat_closing_remark",
         "second_hash_line_after_answer", "end_of_turn_then_junk", "percent", "negative_wrong_sign",
+        "markdown_step_headers",
     ]):
         idxs = pick(len(big), c, 9) if cat == "dollars_thousands" else pick(n, c, 9)
         for j, k in enumerate(idxs):
@@ -441,6 +450,9 @@ def gsm8k_cases(rows: list[dict]) -> list[dict]:
                 add(cat, i, f"{w}\n#### {g}%", g)
             elif cat == "negative_wrong_sign":
                 add(cat, i, f"{w}\n#### -{g}", -g)
+            elif cat == "markdown_step_headers":
+                add(cat, i, f"#### 1. Work it out\n{w}\n\n#### 2. Final answer\n#### {g if j % 2 == 0 else wrong}",
+                    g if j % 2 == 0 else wrong)
     for case in cases:
         intended = case["intended"]
         case["verdict"] = intended is not None and Fraction(intended) == Fraction(case["gold"])
