@@ -440,6 +440,8 @@ def check_batch(arena: JailArena, batch: Batch, entries: list[Entry], watch: Hos
             batch.results_raw.decode("utf-8")
         except UnicodeDecodeError as e:
             problems.append(f"results.jsonl is not valid UTF-8: {e}")
+        if b"\x00" in batch.results_raw:
+            problems.append("results.jsonl holds a raw NUL byte (not escaped)")
     if batch.returncode != 0:
         problems.append(f"cogumi score exited {batch.returncode}: {batch.stderr.strip()[-600:]}")
     for e in entries:
