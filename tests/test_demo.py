@@ -77,7 +77,9 @@ def check_phase1b_set(demo_run: Path) -> None:
     """No ties, no validation items, no infrastructure failures."""
     from cogumi.failures import Decontaminator, load_gate_items
     rows = read_jsonl(demo_run / "stages/10-failures-1a/phase1b.jsonl")
-    assert rows and all(set(r) == {"instruction", "output", "source", "task_id", "failure_type"} for r in rows)
+    assert rows and all(set(r) == {"instruction", "output", "source", "target_source", "task_id", "failure_type"}
+                        for r in rows)
+    assert {r["target_source"] for r in rows} <= {"gold_solution", "reference_verified", "gold_answer"}
     mined = {(r["task"], r["task_id"]): r for r in read_jsonl(demo_run / "stages/09-mine-1a/eval/results.jsonl")}
     for r in rows:
         task = r["source"].split(":")[0]

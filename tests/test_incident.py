@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from cogumi.incident import BF16_CLOTHES
+
 
 @pytest.fixture(scope="module")
 def incident(tmp_path_factory):
@@ -19,10 +21,10 @@ def incident(tmp_path_factory):
 def test_table_has_every_variant_with_real_scores(incident):
     result, printed = incident
     rows = {r["model"]: r for r in result["table"]}
-    assert len(rows) == 5 and "| model | held-out loss |" in printed
+    assert len(rows) == 6 and "| model | held-out loss |" in printed
     assert all(math.isfinite(r["loss"]) and 0 <= r["token_accuracy"] <= 1 and r["tokens"] > 0 for r in rows.values())
     base = rows["base model, no adapter"]
-    trained = [r for name, r in rows.items() if name != "base model, no adapter"]
+    trained = [r for name, r in rows.items() if name not in ("base model, no adapter", BF16_CLOTHES)]
     assert all(r["loss"] < base["loss"] for r in trained)           # both trainings learned something
 
 
@@ -37,6 +39,10 @@ def test_verify_flags_the_naive_path_and_not_the_measured_one(incident):
     auto_label = next(k for k in verdicts if k.startswith("--target auto"))
     assert verdicts[auto_label]["exit_code"] == 0 and verdicts[auto_label]["warnings"]
     assert result["naive_forced"] is True and "RED FLAG" in printed
+    # the same 4-bit weights in bf16 clothes: caught from the values, no metadata needed
+    clothes = verdicts[BF16_CLOTHES]
+    assert clothes["exit_code"] == 1 and "went through 4-bit quantization" in clothes["red_flags"][0]
+    assert "NF4 codebook" in clothes["red_flags"][0]
 
 
 def test_auto_kept_the_target_with_the_lower_loss(incident):

@@ -486,3 +486,19 @@ def test_merged_model_honours_the_umask(tiny_base, tmp_path, umask):
     assert {"cogumi.json", "config.json", "model.safetensors.index.json"} <= set(modes)
     assert any(n.endswith(".safetensors") for n in modes) and any(n.startswith("tokenizer") for n in modes)
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_the_manifest_reports_the_merges_own_peak_memory(tiny_base, tmp_path):
+    """In a pipeline, training ran in the same process first: the merge must not report training's peak."""
+    import resource
+
+    from cogumi.merge import merge_adapter
+    adapter = make_adapter(tiny_base, tmp_path / "adapter", r=4, lora_alpha=8, target_modules=["q_proj"])
+    earlier = bytearray(b"\x01") * (600 * 2**20)      # a heavy step before the merge (training, say): resident
+    del earlier
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # the process's peak so far
+    manifest = merge_adapter(adapter, tmp_path / "merged", fidelity=False, log=lambda *_: None)
+    if manifest["rss_scope"] != "this work":
+        pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
+    assert manifest["peak_rss_gib"] < before - 0.4
+    assert manifest["start_rss_gib"] <= manifest["peak_rss_gib"]

@@ -471,11 +471,11 @@ def test_each_stage_reports_its_own_peak_memory(tmp_path):
     held = []
 
     def heavy(ctx):
-        big = bytearray(400 * 2**20)             # touched (zero-filled): 400 MiB resident
+        big = bytearray(b"\x01") * (400 * 2**20)  # written, so resident: 400 MiB
         held.append(len(big))
 
     def light(ctx):
-        small = bytearray(20 * 2**20)
+        small = bytearray(b"\x01") * (20 * 2**20)
         held.append(len(small))
 
     summary = Engine([Stage(1, "heavy", "heavy", heavy), Stage(2, "light", "light", light)], tmp_path / "r",

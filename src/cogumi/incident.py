@@ -8,7 +8,10 @@ A LoRA adapter trained on a 4-bit (NF4) copy of a base and then merged into the 
      held-out rows);
   4. trains the same LoRA on the full-precision base and merges it (the right way);
   5. scores every variant on the same held-out rows (loss and next-token accuracy on the answer tokens)
-     and runs ``cogumi verify`` on each, which flags the naive path.
+     and runs ``cogumi verify`` on each, which flags the naive path;
+  6. adds the 4-bit base's weights dequantized and saved as plain bf16 with the original config -- a 4-bit
+     model in bf16 clothes, no metadata saying so -- which ``cogumi verify`` flags from the values alone
+     (``cogumi.lowbit``: <= 16 distinct values per block, the NF4 codebook).
 
 ``reproduce_incident(work_dir)`` returns the table and verify results (the demo prints them). Failure
 modes: bitsandbytes missing (a CogumiError saying how to install it), ``work_dir`` already holding a
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 from cogumi.errors import CogumiError
 
+BF16_CLOTHES = "the 4-bit weights saved as plain bf16 (no quantization metadata)"
 TRAIN_ROWS = 160
 HOLDOUT_ROWS = 16
 MAX_STEPS = 12
@@ -45,6 +49,28 @@ def _quantize_base(base: Path, out: Path) -> Path:
     with atomic_dir(out) as tmp:
         AutoModelForCausalLM.from_pretrained(str(base), quantization_config=q, device_map="cpu").save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+    return out
+
+
+def _dequantized_copy(base4: Path, base: Path, out: Path) -> Path:
+    """The 4-bit base's weights dequantized (bitsandbytes) and saved as plain bf16 with the bf16 base's own
+    config and tokenizer: what converting a 4-bit upload back to "full precision" gives."""
+    if (out / "config.json").exists():
+        return out
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cogumi.io import atomic_dir
+    from cogumi.merge import Dequantized4bitDir
+    weights = Dequantized4bitDir(base4)
+    with atomic_dir(out) as tmp:
+        save_file({n: weights.get(n).to(torch.bfloat16).contiguous() for n in weights.names()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for f in base.iterdir():      # config, generation config, tokenizer: the bf16 base's own
+            if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+                shutil.copyfile(f, tmp / f.name)
     return out
 
 
@@ -156,6 +182,8 @@ def reproduce_incident(work_dir: str | Path, *, log: Callable[[str], Any] = prin
         ("naive merge into bf16 (--target original --force)", work / "merged-naive", None, False, work / "merged-naive"),
         (f"--target auto (kept '{auto['target']}')", work / "merged-auto", None, False, work / "merged-auto"),
         ("trained on the bf16 base, merged", work / "merged-bf16-trained", None, False, work / "merged-bf16-trained"),
+        (BF16_CLOTHES, _dequantized_copy(base4, base, work / "base-converted-to-bf16"), None, False,
+         work / "base-converted-to-bf16"),
     ]
     table, verdicts = [], {}
     for label, path, adapter, quantized, checked in variants:

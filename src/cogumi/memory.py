@@ -4,11 +4,15 @@
 training used hours before. Linux keeps a resettable high-water mark instead: writing ``5`` to
 ``/proc/self/clear_refs`` resets ``VmHWM`` to the current RSS (Linux >= 4.0), so the peak read at the end
 is the peak of this piece of work alone (all threads; not child processes such as sandbox workers).
-Where that file cannot be written, the process's lifetime peak is reported and says so. GPU memory:
+Where that file cannot be written, the process's lifetime peak is reported and says so. The reset is
+process-wide: ``ru_maxrss`` and ``VmHWM`` read later count from the last reset (the merge benchmark's
+per-process peak still covers the merge, which resets at its start, with everything resident then). GPU memory:
 ``torch.cuda``'s peak statistics, reset the same way, when a GPU is in use.
 
 ``with PeakMemory() as peak: ...`` then ``peak.as_dict()``:
-``{"peak_rss_gib", "rss_scope": "this work" | "process lifetime", "peak_gpu_gib"?}``.
+``{"peak_rss_gib", "rss_scope": "this work" | "process lifetime", "start_rss_gib", "peak_gpu_gib"?}``: the
+peak counts what was already resident when the work began (``start_rss_gib``: imported libraries, caches
+of earlier work); the difference is what the work itself added at its peak.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class PeakMemory:
 
     def __init__(self):
         self.scoped = False
+        self.start_rss_gib: float | None = None      # resident when the work began (libraries, earlier caches)
         self.peak_rss_gib: float | None = None
         self.peak_gpu_gib: float | None = None
 
@@ -57,6 +62,8 @@ class PeakMemory:
         return None
 
     def __enter__(self) -> "PeakMemory":
+        rss = _status_kib("VmRSS")
+        self.start_rss_gib = round(rss / 2**20, 3) if rss is not None else None
         self.scoped = _reset_hwm() and _status_kib("VmHWM") is not None
         cuda = self._cuda()
         if cuda is not None:
@@ -75,7 +82,8 @@ class PeakMemory:
         self.read()
 
     def as_dict(self) -> dict:
-        out = {"peak_rss_gib": self.peak_rss_gib, "rss_scope": "this work" if self.scoped else "process lifetime"}
+        out = {"peak_rss_gib": self.peak_rss_gib, "rss_scope": "this work" if self.scoped else "process lifetime",
+               "start_rss_gib": self.start_rss_gib}
         if self.peak_gpu_gib is not None:
             out["peak_gpu_gib"] = self.peak_gpu_gib
         return out
