@@ -733,14 +733,18 @@ def _time_cost(doc: Doc, run: Run):
     s = run.summary
     rows = []
     for st in s["stages"]:
+        peak = st.get("peak_rss_gib")
         rows.append([f"{st.get('index', 0):02d} {st['name']}", st["status"] + (" (reused)" if st.get("reused") else ""),
-                     _fmt_seconds(st.get("seconds")), f"${st.get('cost_usd', 0):.4f}", st.get("reason", "")[:160]])
-    rows.append(["total", s.get("status"), _fmt_seconds(s.get("total_seconds")), f"${s.get('total_cost_usd', 0):.4f}", ""])
-    doc.table(["stage", "status", "time", "cost", "note"], rows, status_col=1)
+                     _fmt_seconds(st.get("seconds")), f"${st.get('cost_usd', 0):.4f}",
+                     "-" if peak is None else f"{peak:.2f} GiB", st.get("reason", "")[:160]])
+    rows.append(["total", s.get("status"), _fmt_seconds(s.get("total_seconds")), f"${s.get('total_cost_usd', 0):.4f}",
+                 "", ""])
+    doc.table(["stage", "status", "time", "cost", "peak RSS", "note"], rows, status_col=1)
     rate = s.get("gpu_hourly_usd")
     doc.p(f"Cost = wall time of GPU stages x {'$%.2f/h' % rate if rate is not None else 'the GPU price'}"
-          " (plus API usage where the eval recorded it). Reused stages show the time they took when they ran.",
-          "muted")
+          " (plus API usage where the eval recorded it). Reused stages show the time they took when they ran. "
+          "Peak RSS: the process's resident memory at its highest during that stage (what was already resident "
+          "when it began included).", "muted")
     doc.image("stage_times.png", plot_stage_times(s["stages"]), "wall time per stage")
 
 
