@@ -258,6 +258,7 @@ def start_child(job: dict, fds) -> None:
     memory = int(job.get("harness_memory_mb", 4096)) << 20
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     candidate = Candidate(wire_fd, time.monotonic() + float(job.get("timeout", 10.0)))
+    confine(job.get("setup") or "", job.get("tests") or "")
     try:
         verdict = run_tests(job, candidate)
     except ItemOver as over:
@@ -270,6 +271,37 @@ def start_child(job: dict, fds) -> None:
         pass
     wire.send(result_fd, verdict)
     os._exit(0)
+
+
+NOBODY = 65534
+
+
+def confine(*sources: str) -> None:
+    """Defence in depth for the trusted process: import what the benchmark's code imports, then work from
+    ``/`` as an unprivileged user (when started as root) with no way to regain privileges -- if some future
+    path ever ran the candidate's values as code here, it would not run as root in the user's directory."""
+    import ast
+    import ctypes
+    import importlib
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for name in names:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # noqa: BLE001 -- the tests will report it where it matters
+                    pass
+    os.chdir("/")
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
 
 
 def stop_child(pid: int, _job: dict) -> dict:
