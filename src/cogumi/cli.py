@@ -225,7 +225,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
             for action in sp._actions:
                 if (not action.option_strings or action.default is None or action.default is False
                         or action.default == argparse.SUPPRESS
-                        or "%(default)" in (action.help or "") or action.help == argparse.SUPPRESS):
+                        or "default" in (action.help or "").lower() or action.help == argparse.SUPPRESS):
                     continue
                 action.help = f"{action.help or ''} (default: %(default)s)".strip()
 
