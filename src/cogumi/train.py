@@ -266,10 +266,9 @@ def distributed_strategy(cfg: RunConfig, speed, base_cfg: dict | None, num_proce
     return "fsdp" if mem and weights_gib > 0.5 * mem else "ddp"
 
 
-def sft_config(cfg: RunConfig, speed, plan, *, output_dir: Path, strategy: str = "single"):
-    """SFTConfig for a run: cogumi's choices, then the speed settings and the batch plan
-    (``speed.trainer_speed_kwargs``: precision, packing, micro-batch/accumulation/pack length from
-    ``cogumi.batching.plan_batches``, checkpointing, optimizer, compile, TF32) on top."""
+def sft_config(cfg: RunConfig, speed, *, output_dir: Path, strategy: str = "single"):
+    """SFTConfig for a run: cogumi's choices, then the speed settings (``speed.trainer_speed_kwargs``: precision,
+    packing, micro-batch/accumulation plan, checkpointing, optimizer, compile, TF32) on top."""
     from trl import SFTConfig
 
     from cogumi.speed import trainer_speed_kwargs
@@ -294,7 +293,7 @@ def sft_config(cfg: RunConfig, speed, plan, *, output_dir: Path, strategy: str =
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    kwargs.update(trainer_speed_kwargs(speed, t, plan))
+    kwargs.update(trainer_speed_kwargs(speed, t))
     if strategy == "fsdp":
         # FSDP2, full shard; FSDP's own activation checkpointing replaces the trainer's (which would add a
         # redundant all-gather in backward).
@@ -345,15 +344,10 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
         apply_model_speedups(model, speed)       # Liger layer kernels, before PEFT wraps the model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    from accelerate import PartialState
-
-    from cogumi.batching import dataset_lengths, plan_batches
-    processes = PartialState().num_processes
     if strategy is None:
-        strategy = distributed_strategy(cfg, speed, model.config.to_dict(), processes)
-    plan = plan_batches(speed, cfg.training, dataset_lengths(train_dataset), processes=processes,
-                        seed=cfg.training.seed)
-    args = sft_config(cfg, speed, plan, output_dir=out / "checkpoints", strategy=strategy)
+        from accelerate import PartialState
+        strategy = distributed_strategy(cfg, speed, model.config.to_dict(), PartialState().num_processes)
+    args = sft_config(cfg, speed, output_dir=out / "checkpoints", strategy=strategy)
     from cogumi.data import PARALLEL_ROWS
     if len(train_dataset) > PARALLEL_ROWS:          # TRL's label building / packing maps, on big sets
         args.dataset_num_proc = min(8, os.cpu_count() or 1)
@@ -365,7 +359,6 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
     for cb in callbacks:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
-    trainer.cogumi_batch_plan = plan            # recorded in the manifest
     return trainer
 
 
@@ -463,8 +456,6 @@ def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stat
         "grad_accum": trainer.args.gradient_accumulation_steps,
         "global_batch_size": (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                               * trainer.args.world_size),
-        # unit ("rows": packed steps follow the recipe's rows; "packs"), rows per step, steps per epoch
-        "batch_plan": trainer.cogumi_batch_plan.to_dict() if hasattr(trainer, "cogumi_batch_plan") else None,
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": state.epoch,
@@ -540,7 +531,7 @@ def _check_output_dir(out: Path, resume: bool, log) -> Path | None:
 RESUME_KEYS = ("base_model", "base_revision", "data", "lora", "training.epochs", "training.max_steps",
                "training.batch_size", "training.grad_accum", "training.learning_rate", "training.lr_scheduler",
                "training.warmup_steps", "training.weight_decay", "training.max_length", "training.grad_clip",
-               "training.seed", "training.dtype", "training.packing", "training.packing_unit", "training.distributed")
+               "training.seed", "training.dtype", "training.packing", "training.distributed")
 
 
 def _lookup(d: dict, dotted: str):
@@ -703,10 +694,12 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     model = load_base_model(cfg, speed, quantized=quantized)
     trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=data.train_dataset, speed=speed,
                             eval_dataset=data.eval_dataset, log=say, strategy=strategy, prior_wall_s=prior_wall)
+    a = trainer.args
     say(f"train: base {cfg.base_model} ({speed.dtype} on {speed.device}, {state.num_processes} process(es)); "
-        f"packing {'on' if speed.packing else 'off'}, attention {speed.attn_implementation}"
-        + (f", {strategy.upper()}" if strategy != "single" else ""))
-    say(f"train: batches: {trainer.cogumi_batch_plan.describe()}")
+        f"global batch {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{state.num_processes} = "
+        f"{a.per_device_train_batch_size * a.gradient_accumulation_steps * state.num_processes}"
+        f"{' packs' if speed.packing else ' rows'}; packing {'on' if speed.packing else 'off'}, "
+        f"attention {speed.attn_implementation}" + (f", {strategy.upper()}" if strategy != "single" else ""))
     monitor = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "Monitor")
     t0 = time.time()
     if resume_from is not None and checkpoint_is_final(resume_from):
