@@ -159,3 +159,10 @@ def test_check_many_keeps_order():
     assert [c.correct for c in check_many(items, comps, workers=3)] == [True, False] * 3
     with pytest.raises(ValueError):
         check_many(items, comps[:2])
+
+
+def test_a_huge_extracted_number_is_clipped_in_the_reason_not_in_the_value():
+    item = Item("gsm8k", "0", "q", "5", {})
+    check = tasks.check_gsm8k(item, "#### " + "9" * 500)
+    assert check.extracted == "9" * 500 and check.correct is False
+    assert len(check.reason) < 120 and "(500 characters)" in check.reason

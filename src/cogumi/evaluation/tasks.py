@@ -283,8 +283,13 @@ def check_gsm8k(item: Item, completion: str) -> Check:
         return Check(False, None, "no number found in the answer", None)
     ok = same_number(answer.value, item.gold)
     cut = f" (cut at stop sequence {answer.cut_at!r})" if answer.cut_at else ""
-    verdict = f"{answer.method}: {answer.value} {'==' if ok else '!='} gold {item.gold}{cut}"
+    verdict = f"{answer.method}: {_clip(answer.value)} {'==' if ok else '!='} gold {item.gold}{cut}"
     return Check(ok, answer.value, verdict, None)
+
+
+def _clip(text: str, keep: int = 40) -> str:
+    """A value as a reason shows it: a 500-digit "number" is shown by its ends and its length."""
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------------------------
