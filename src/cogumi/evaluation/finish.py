@@ -1,8 +1,9 @@
 """How a completion finished: stop sequences, truncation at ``max_new_tokens``, and looping.
 
 Features
-  * ``task_stops(task)``: the task's stop sequences -- text after which a model has finished whatever it
-    writes next (GSM8K: a model that starts a new ``Question:`` has answered). Prompt sets may add their
+  * ``task_stops(task)``: the task's stop sequences (``extract.STOP_SEQUENCES``) -- text after which a
+    model has finished whatever it writes next (GSM8K: a model that starts a new ``Question:`` has answered;
+    end-of-turn markers written as text). Prompt sets may add their
     own (``prompts.PromptSet.stops``). Applied alike to local generation (generation stops there), to
     endpoints (sent as ``stop=`` and trimmed again locally, since servers differ) and to completions read
     from cache or from predictions files.
@@ -24,16 +25,10 @@ from __future__ import annotations
 
 REPETITION_N = 4
 
-# Until cogumi.evaluation.extract defines the per-task stop sequences, they live here.
-_TASK_STOPS: dict[str, tuple[str, ...]] = {
-    "gsm8k": ("\nQuestion:",),
-    "humaneval": (),
-    "mbpp": (),
-}
-
-
 def task_stops(task: str) -> tuple[str, ...]:
-    return _TASK_STOPS.get(task, ())
+    """The task's own stop sequences: ``extract.STOP_SEQUENCES`` (what scoring cuts stored completions at)."""
+    from cogumi.evaluation.extract import STOP_SEQUENCES
+    return tuple(STOP_SEQUENCES.get(task, ()))
 
 
 def trim_at_stop(text: str | None, stops) -> tuple[str | None, bool]:
