@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cogumi import speed
+from cogumi.batching import plan_batches
 from cogumi.config import TrainingConfig
 
 
@@ -23,7 +24,6 @@ def test_cpu_defaults_are_plain():
     assert (s.dtype, s.packing, s.attn_implementation, s.use_liger, s.optim) == \
         ("float32", False, "sdpa", False, "adamw_torch")
     assert not s.lora_autocast_inputs and s.micro_batch_tokens is None and not s.torch_compile
-    assert speed.batch_plan(s, TrainingConfig()) == (8, 4)
 
 
 def test_big_gpu_defaults(monkeypatch):
@@ -33,13 +33,15 @@ def test_big_gpu_defaults(monkeypatch):
     # the decoder layers compiled, and so no Liger (its kernels break the compiled graphs)
     assert s.torch_compile and not s.use_liger and not s.notes
     assert s.optim == "adamw_torch_fused" and s.lora_autocast_inputs
-    # 32 packs of 2048 per optimizer step, 2 per micro-batch
-    assert speed.batch_plan(s, TrainingConfig()) == (2, 16)
-    kw = speed.trainer_speed_kwargs(s, TrainingConfig())
+    # the batch plan decides the micro-batch (cogumi.batching); the kwargs carry it
+    plan = plan_batches(s, TrainingConfig(), [300, 700, 1200, 2048] * 50)
+    assert plan.micro_batch_tokens <= speed.MICRO_BATCH_TOKENS_NO_CKPT
+    kw = speed.trainer_speed_kwargs(s, TrainingConfig(), plan)
     assert kw["packing"] and kw["packing_strategy"] == "bfd" and kw["bf16"] and not kw["gradient_checkpointing"]
-    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (2, 16)
+    assert (kw["per_device_train_batch_size"], kw["gradient_accumulation_steps"]) == (1, plan.grad_accum)
+    assert kw["max_length"] == plan.pack_length and kw["per_device_eval_batch_size"] == 1
     assert s.lora_fused_add and s.sync_free_metrics and s.async_copies and s.fixed_shapes
-    assert kw["pad_to_multiple_of"] == 2 * TrainingConfig().max_length
+    assert kw["pad_to_multiple_of"] == plan.pack_length
     assert kw["dataloader_pin_memory"] and kw["accelerator_config"] == {"non_blocking": True}
     from trl import SFTConfig
     args = SFTConfig(output_dir="unused", report_to=[], bf16=False, use_cpu=True,
@@ -65,7 +67,7 @@ def test_smaller_gpu_recomputes_and_missing_liger_degrades(monkeypatch):
     assert not s.use_liger and any("liger" in n for n in s.notes)
     assert speed.apply_model_speedups(torch.nn.Linear(2, 2), s.__class__(**{**s.to_dict(),
                                                                            "lora_autocast_inputs": False, "lora_fused_add": False})) == []
-    kw = speed.trainer_speed_kwargs(s, TrainingConfig())
+    kw = speed.trainer_speed_kwargs(s, TrainingConfig(), plan_batches(s, TrainingConfig(), [500] * 64))
     assert kw["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
 
@@ -74,7 +76,8 @@ def test_explicit_knobs_win(monkeypatch):
                        attn_implementation="eager", optim="adamw_torch")
     assert (s.packing, s.use_liger, s.gradient_checkpointing, s.attn_implementation, s.optim) == \
         (False, False, True, "eager", "adamw_torch")
-    assert speed.batch_plan(s, TrainingConfig(batch_size=3, grad_accum=5)) == (3, 5)
+    plan = plan_batches(s, TrainingConfig(batch_size=3, grad_accum=5), [100] * 30)
+    assert (plan.per_device, plan.grad_accum, plan.steps_per_epoch) == (3, 5, 2)
 
 
 def test_flash_varlen_is_not_trusted_without_cuda():

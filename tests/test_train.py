@@ -357,7 +357,8 @@ def test_fixed_shape_packing_pads_every_micro_batch_and_keeps_the_loss(tmp_path,
 
     from cogumi.speed import resolve_speed_settings
 
-    cfg = tiny_config(tiny_base, train_file, tmp_path / "out", "training.packing=on", "training.max_length=128")
+    cfg = tiny_config(tiny_base, train_file, tmp_path / "out", "training.packing=on", "training.max_length=128",
+                      "training.packing_unit=packs")
     batches, losses = {}, {}
     for fixed in (False, True):
         speed = resolve_speed_settings(cfg.training)

@@ -40,7 +40,7 @@ def cmd_train(a) -> int:
 def cmd_estimate(a) -> int:
     from cogumi.estimate import estimate_command
     return estimate_command(a.config, overrides=a.set, tokens_per_second=a.tokens_per_second,
-                            usd_per_hour=a.usd_per_hour, as_json=a.json)
+                            usd_per_hour=a.usd_per_hour, as_json=a.json, device=a.device)
 
 
 def cmd_merge(a) -> int:
@@ -122,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-quantized-base", action="store_true",
                     help="train on a quantized base anyway (recorded in the manifest; not recommended)")
 
-    sp = verb("estimate", cmd_estimate, "steps, tokens, GPU memory, time and cost of a run config")
+    sp = verb("estimate", cmd_estimate, "steps, tokens, memory, time and cost of a run config")
     sp.add_argument("config")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                    help="the device to plan for (default: this machine's; cuda plans a GPU run from a laptop)")
     sp.add_argument("--tokens-per-second", type=float, help="measured training throughput (real tokens/s)")
-    sp.add_argument("--usd-per-hour", type=float, help="GPU price")
+    sp.add_argument("--usd-per-hour", type=float, help="price per hour (GPU; a CPU run is priced only when given)")
     sp.add_argument("--json", action="store_true")
 
     sp = verb("merge", cmd_merge, "merge a LoRA adapter into its full-precision base (streaming, atomic, checked)")

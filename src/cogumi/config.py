@@ -1,6 +1,8 @@
 """Typed run configuration: one YAML file per run, validated before any model is loaded.
 
 Unknown keys, wrong types and missing files raise one ``ConfigError`` naming the dotted key.
+Keys and defaults are the dataclasses below (``training.packing_unit``: with packing, whether a step covers
+the recipe's ``batch_size x grad_accum`` rows -- ``rows``, the default -- or that many packs -- ``packs``).
 ``--set key=value`` overrides any key; the value is parsed as YAML (``--set training.max_steps=20``).
 """
 
@@ -57,6 +59,11 @@ class TrainingConfig:
     seed: int = 42
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
     packing: Literal["auto", "on", "off"] = "auto"                     # auto: on for GPU
+    # With packing, what batch_size x grad_accum counts. "rows" (default): an optimizer step covers on average
+    # the rows the unpacked recipe's step covers, so an epoch takes the recipe's steps (cogumi.batching sizes
+    # the packs). "packs": a step sees batch_size x grad_accum packs of max_length tokens -- several times the
+    # recipe's rows per step, at the same learning rate and warm-up; opt in only if that is what you want.
+    packing_unit: Literal["rows", "packs"] = "rows"
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     liger: Literal["auto", "on", "off"] = "auto"                       # fused kernels when installed
     optim: str = "auto"                   # auto: adamw_torch_fused on GPU, adamw_torch on CPU

@@ -3,15 +3,18 @@
 
 Features
   * ``resolve_speed_settings(training, device)`` turns the config's auto/on/off knobs into concrete
-    settings. On a CUDA GPU the defaults are: bf16; packing (TRL best-fit-decreasing packs of
-    ``max_length``) read through variable-length attention, so packed rows never attend to each other;
-    every micro-batch padded to one fixed token count; no activation checkpointing on cards with >= 70 GiB
+    settings. On a CUDA GPU the defaults are: bf16; packing (TRL best-fit-decreasing packs, planned by
+    ``cogumi.batching`` so that an optimizer step still covers the recipe's rows) read through
+    variable-length attention, so packed rows never attend to each other; every micro-batch padded to one
+    fixed token count; no activation checkpointing on cards with >= 70 GiB
     (a micro-batch of ``micro_batch_tokens`` tokens fits an 8B base without recomputation); each decoder
     layer compiled (``torch.compile``, where Triton is installed and nothing is recomputed), else Liger's
     RMSNorm/SwiGLU/RoPE kernels when installed; LoRA inputs without PEFT's fp32 round trip under
     autocast; the LoRA product added into the base output inside one GEMM; metrics read at log time
-    (cogumi.sft); pinned non-blocking batch copies; fused AdamW. On a CPU: fp32, no packing, plain SDPA,
-    the config as written. Measured on one H100 (docs/benchmarks.md, baseline in the same run): user's
+    (cogumi.sft); pinned non-blocking batch copies; fused AdamW. On a CPU: fp32, no packing, plain SDPA;
+    activation checkpointing when one micro-batch's activations would pass ``CPU_ACTIVATIONS_GIB`` (needs
+    the model's config); freed buffers returned to the OS and TRL's LM head in small tiles
+    (``limit_cpu_memory``). Measured on one H100 (docs/benchmarks.md, baseline in the same run): user's
     recipe 1,466 -> these defaults 13,182 real tokens/s (8.99x; the same without compiling, with Liger:
     11,673); earlier steps: dense-mask SDPA packing 5,785, varlen without Liger 8,450, + Liger 9,943,
     + LoRA autocast inputs 11,342.
@@ -19,8 +22,8 @@ Features
     the ``cogumi_varlen`` attention with transformers when it is chosen.
   * ``apply_model_speedups(model, settings)``: Liger kernels or compiled decoder layers and the LoRA
     patches on a loaded model (before PEFT wrapping).
-  * ``trainer_speed_kwargs(settings, training)``: SFTConfig keyword arguments (precision, packing,
-    micro-batch and accumulation, checkpointing, optimizer, compile).
+  * ``trainer_speed_kwargs(settings, training, plan)``: SFTConfig keyword arguments (precision, packing,
+    the batch plan's micro-batch, accumulation and pack length, checkpointing, optimizer, compile).
   * ``varlen_attention_forward``: the attention behind ``cogumi_varlen``. With TRL's padding-free
     batches (one row of concatenated sequences plus ``cu_seq_lens_q``) it runs each sequence causally on
     its own: PyTorch's built-in flash-attention varlen kernel on CUDA (``torch.nn.attention.varlen``),
@@ -46,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import inspect
-import math
 from dataclasses import asdict, dataclass, field
 
 VARLEN_ATTENTION = "cogumi_varlen"
@@ -54,6 +56,14 @@ VARLEN_ATTENTION = "cogumi_varlen"
 # Measured on one H100 80GB (docs/benchmarks.md): an 8B base with LoRA r=64 on the 7 projections and
 # no activation checkpointing peaks well under 70 GiB at this many tokens per micro-batch.
 BIG_GPU_GIB = 70
+# On a CPU, activation checkpointing is on ("auto") when one micro-batch's activations would take more than
+# this: SmolLM2-135M, batch 4 x 512 tokens, fp32 keeps ~3.9 GiB without it (docs/benchmarks.md, CPU memory).
+CPU_ACTIVATIONS_GIB = 1.0
+# TRL's fused LM head on a device without Triton folds each [tokens x vocab] tile with torch ops that make
+# ~10 full-size temporaries: 4096 x 32768 fp32 tiles cost ~2 GB of peak memory on a CPU; these sizes ~0.15 GB.
+CPU_LOGPROB_TILE_TOKENS = 1024
+CPU_LOGPROB_TILE_VOCAB = 4096
+M_MMAP_THRESHOLD = -3                      # glibc mallopt parameter
 
 # `cogumi train`'s defaults on one H100 80GB, Llama-3.1-8B shape (8.03B parameters), LoRA r=64 on the 7
 # projections, the benchmark's length profile (docs/benchmarks.md, 2026-11-25 final run: 13,182 real
@@ -76,12 +86,13 @@ class SpeedSettings:
     attn_implementation: str        # "cogumi_varlen" | "sdpa" | "flash_attention_2" | "flex_attention" | "eager"
     torch_compile: bool
     tf32: bool
-    micro_batch_tokens: int | None = None   # with packing: tokens per micro-batch (packs = this // max_length)
+    micro_batch_tokens: int | None = None   # with packing: the most tokens a micro-batch may hold (memory budget)
     lora_autocast_inputs: bool = False      # under bf16/fp16 autocast, feed LoRA its input without an fp32 copy
     lora_fused_add: bool = False            # add scale * B(A(x)) into the base output inside one GEMM
     sync_free_metrics: bool = True          # per-micro-batch metrics read at log time, not with .item() (cogumi.sft)
     async_copies: bool = False              # batches copied to the GPU from pinned memory without a host sync
     fixed_shapes: bool = False              # with packing: every micro-batch padded to the same token count
+    cpu_memory_limits: bool = False         # CPU: freed buffers returned to the OS, small LM-head tiles (limit_cpu_memory)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -149,15 +160,20 @@ def _choice(value: str, default: bool) -> bool:
     return default if value == "auto" else value == "on"
 
 
-def resolve_speed_settings(training, device: str | None = None) -> SpeedSettings:
-    """Turn a TrainingConfig's auto/on/off knobs into concrete settings for ``device``."""
+def resolve_speed_settings(training, device: str | None = None, model_config: dict | None = None) -> SpeedSettings:
+    """Turn a TrainingConfig's auto/on/off knobs into concrete settings for ``device``. ``model_config``
+    (the base's config.json) lets a CPU run decide activation checkpointing by the model's size."""
     device = device or detect_device()
     gpu = device == "cuda"
     notes: list[str] = []
     dtype = training.dtype if training.dtype != "auto" else ("bfloat16" if gpu else "float32")
     mem = gpu_memory_gib() if gpu else None
     big_gpu = mem is not None and mem >= BIG_GPU_GIB
-    ckpt = _choice(training.gradient_checkpointing, gpu and not big_gpu)
+    if gpu:
+        recompute = not big_gpu
+    else:
+        recompute = cpu_activations_gib(model_config, training, dtype) > CPU_ACTIVATIONS_GIB
+    ckpt = _choice(training.gradient_checkpointing, recompute)
     # measured on an H100 without activation checkpointing only; recomputed layers stay eager unless asked
     compile_layers = _choice(training.torch_compile, gpu and has_module("triton") and not ckpt)
     liger_ok = has_module("liger_kernel")
@@ -186,54 +202,59 @@ def resolve_speed_settings(training, device: str | None = None) -> SpeedSettings
         torch_compile=compile_layers, tf32=gpu, micro_batch_tokens=micro, notes=notes,
         lora_autocast_inputs=gpu and dtype in ("bfloat16", "float16"),
         lora_fused_add=gpu, async_copies=gpu, fixed_shapes=gpu and packing,
+        cpu_memory_limits=device == "cpu",
     )
+
+
+def cpu_activations_gib(model_config: dict | None, training, dtype: str) -> float:
+    """GiB of activations one unpacked micro-batch (``batch_size x max_length`` tokens) keeps for backward
+    without recomputation; 0 when the model's shape is unknown."""
+    if not model_config:
+        return 0.0
+    from cogumi.estimate import DTYPE_BYTES, activation_bytes_per_token
+    try:
+        per_token = activation_bytes_per_token(model_config, DTYPE_BYTES.get(dtype, 4), False)
+    except (KeyError, TypeError):          # not a decoder config we can size
+        return 0.0
+    return per_token * training.batch_size * training.max_length / 2**30
 
 
 # ---------------------------------------------------------------------------------------------
 # what the trainer and the model loader take
 # ---------------------------------------------------------------------------------------------
 
-def batch_plan(settings: SpeedSettings, training) -> tuple[int, int]:
-    """(per-device batch, accumulation steps). With packing a batch item is one pack of up to
-    ``max_length`` tokens; the micro-batch is sized to ``micro_batch_tokens`` and accumulation grows so
-    that an optimizer step still sees ``batch_size * grad_accum`` sequences."""
-    if not (settings.packing and settings.micro_batch_tokens):
-        return training.batch_size, training.grad_accum
-    per_device = max(1, settings.micro_batch_tokens // training.max_length)
-    per_device = min(per_device, training.batch_size * training.grad_accum)
-    accum = max(1, math.ceil(training.batch_size * training.grad_accum / per_device))
-    return per_device, accum
-
-
-def trainer_speed_kwargs(settings: SpeedSettings, training) -> dict:
-    """Keyword arguments for ``trl.SFTConfig`` that carry the speed settings."""
-    per_device, accum = batch_plan(settings, training)
+def trainer_speed_kwargs(settings: SpeedSettings, training, plan) -> dict:
+    """Keyword arguments for ``trl.SFTConfig`` that carry the speed settings and the batch plan
+    (``cogumi.batching.plan_batches``: micro-batch, accumulation, pack length)."""
     kw = {
         "bf16": settings.dtype == "bfloat16",
         "fp16": settings.dtype == "float16",
-        "per_device_train_batch_size": per_device,
-        "gradient_accumulation_steps": accum,
+        "per_device_train_batch_size": plan.per_device,
+        "gradient_accumulation_steps": plan.grad_accum,
         "gradient_checkpointing": settings.gradient_checkpointing,
         "optim": settings.optim,
         "torch_compile": False,           # compiled per decoder layer instead (apply_model_speedups)
-        "packing": settings.packing,
+        "packing": plan.packing,
         "dataloader_pin_memory": settings.device == "cuda",
     }
-    if settings.packing and settings.fixed_shapes:
+    if plan.packing:
+        # best-fit decreasing: whole rows into packs of the plan's length (>= the longest row, so no row is cut
+        # or split across packs); TRL then feeds the packs padding-free (one row + cu_seq_lens), which
+        # cogumi_varlen attention reads. Evaluation batches hold as many packs as training micro-batches.
+        kw["packing_strategy"] = "bfd"
+        kw["max_length"] = plan.pack_length
+        kw["per_device_eval_batch_size"] = plan.per_device
+    if plan.packing and settings.fixed_shapes:
         # one token count for every micro-batch (its packs fill ~99.8% of it): every kernel and allocation
         # sees one shape for the whole run instead of new ones each micro-batch (+5.8% on an H100,
         # docs/benchmarks.md; it also lets torch.compile keep one graph). Padding tokens are one-token
         # sequences of their own, unlabeled.
-        kw["pad_to_multiple_of"] = per_device * training.max_length
+        kw["pad_to_multiple_of"] = plan.micro_batch_tokens
     if settings.async_copies:
         # a blocking host-to-device copy waits for the GPU's whole queue: once per tensor of every
         # micro-batch, so each micro-batch would start on an idle GPU behind Python's kernel launches
         kw["dataloader_pin_memory"] = True
         kw["accelerator_config"] = {"non_blocking": True}
-    if settings.packing:
-        # best-fit decreasing: whole rows into packs, no row split across packs; TRL then feeds the
-        # packs padding-free (one row + cu_seq_lens), which cogumi_varlen attention reads.
-        kw["packing_strategy"] = "bfd"
     if settings.gradient_checkpointing:
         kw["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if settings.tf32:
@@ -261,6 +282,8 @@ def apply_model_speedups(model, settings: SpeedSettings) -> list[str]:
       costs several full-size copies per projection; it is skipped, only while autocast is on.
     """
     applied = []
+    if settings.cpu_memory_limits:
+        applied += limit_cpu_memory()
     if settings.use_liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
@@ -273,6 +296,37 @@ def apply_model_speedups(model, settings: SpeedSettings) -> list[str]:
                              fused_add=settings.lora_fused_add)
         applied += (["lora:autocast-inputs"] * settings.lora_autocast_inputs
                     + ["lora:fused-add"] * settings.lora_fused_add)
+    return applied
+
+
+def limit_cpu_memory() -> list[str]:
+    """Keep a CPU training run's peak memory to what is alive (docs/benchmarks.md: SmolLM2-135M, r=16,
+    batch 4 x 512: 9.7 GB -> 1.5 GB with these and activation checkpointing). Returns what was applied.
+
+    * glibc serves every allocation of 1 MiB or more from its own mapping, returned to the OS when freed.
+      By default glibc raises its mmap threshold after the first large free, so later activation buffers come
+      from arenas that keep freed memory: +1.6 GB of peak RSS in that run, none of it in use. (One
+      ``mallopt`` call; a no-op off glibc.)
+    * TRL's fused LM head scores the vocabulary in smaller tiles (``CPU_LOGPROB_TILE_*``): without Triton
+      each tile is folded by torch ops with ~10 tile-sized temporaries. Same arithmetic (an online
+      log-sum-exp over tiles), smaller working set. Module-level sizes of TRL's kernel, read at call time;
+      when a TRL version renames them nothing is patched (the result says so)."""
+    applied = []
+    try:
+        import ctypes
+        if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1:
+            applied.append("cpu:mmap-threshold-1MiB")
+    except (OSError, AttributeError):
+        pass
+    try:
+        import trl.kernels.chunked_logprob as kernel
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        return applied
+    if hasattr(kernel, "TOKEN_CHUNK_SIZE") and hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
+        kernel.TOKEN_CHUNK_SIZE = min(kernel.TOKEN_CHUNK_SIZE, CPU_LOGPROB_TILE_TOKENS)
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, CPU_LOGPROB_TILE_VOCAB)
+        applied.append(f"cpu:logprob-tiles-{kernel.TOKEN_CHUNK_SIZE}x{trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE}")
     return applied
 
 

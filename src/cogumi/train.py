@@ -266,9 +266,10 @@ def distributed_strategy(cfg: RunConfig, speed, base_cfg: dict | None, num_proce
     return "fsdp" if mem and weights_gib > 0.5 * mem else "ddp"
 
 
-def sft_config(cfg: RunConfig, speed, *, output_dir: Path, strategy: str = "single"):
-    """SFTConfig for a run: cogumi's choices, then the speed settings (``speed.trainer_speed_kwargs``: precision,
-    packing, micro-batch/accumulation plan, checkpointing, optimizer, compile, TF32) on top."""
+def sft_config(cfg: RunConfig, speed, plan, *, output_dir: Path, strategy: str = "single"):
+    """SFTConfig for a run: cogumi's choices, then the speed settings and the batch plan
+    (``speed.trainer_speed_kwargs``: precision, packing, micro-batch/accumulation/pack length from
+    ``cogumi.batching.plan_batches``, checkpointing, optimizer, compile, TF32) on top."""
     from trl import SFTConfig
 
     from cogumi.speed import trainer_speed_kwargs
@@ -293,7 +294,7 @@ def sft_config(cfg: RunConfig, speed, *, output_dir: Path, strategy: str = "sing
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    kwargs.update(trainer_speed_kwargs(speed, t))
+    kwargs.update(trainer_speed_kwargs(speed, t, plan))
     if strategy == "fsdp":
         # FSDP2, full shard; FSDP's own activation checkpointing replaces the trainer's (which would add a
         # redundant all-gather in backward).
@@ -344,10 +345,15 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
         apply_model_speedups(model, speed)       # Liger layer kernels, before PEFT wraps the model
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    from accelerate import PartialState
+
+    from cogumi.batching import dataset_lengths, plan_batches
+    processes = PartialState().num_processes
     if strategy is None:
-        from accelerate import PartialState
-        strategy = distributed_strategy(cfg, speed, model.config.to_dict(), PartialState().num_processes)
-    args = sft_config(cfg, speed, output_dir=out / "checkpoints", strategy=strategy)
+        strategy = distributed_strategy(cfg, speed, model.config.to_dict(), processes)
+    plan = plan_batches(speed, cfg.training, dataset_lengths(train_dataset), processes=processes,
+                        seed=cfg.training.seed)
+    args = sft_config(cfg, speed, plan, output_dir=out / "checkpoints", strategy=strategy)
     from cogumi.data import PARALLEL_ROWS
     if len(train_dataset) > PARALLEL_ROWS:          # TRL's label building / packing maps, on big sets
         args.dataset_num_proc = min(8, os.cpu_count() or 1)
@@ -359,6 +365,7 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
     for cb in callbacks:
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
+    trainer.cogumi_batch_plan = plan            # recorded in the manifest
     return trainer
 
 
@@ -456,6 +463,8 @@ def build_manifest(cfg: RunConfig, *, base_cfg: dict, findings, speed, data_stat
         "grad_accum": trainer.args.gradient_accumulation_steps,
         "global_batch_size": (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
                               * trainer.args.world_size),
+        # unit ("rows": packed steps follow the recipe's rows; "packs"), rows per step, steps per epoch
+        "batch_plan": trainer.cogumi_batch_plan.to_dict() if hasattr(trainer, "cogumi_batch_plan") else None,
         "steps": state.global_step,
         "max_steps": state.max_steps,
         "epochs": state.epoch,
@@ -531,7 +540,7 @@ def _check_output_dir(out: Path, resume: bool, log) -> Path | None:
 RESUME_KEYS = ("base_model", "base_revision", "data", "lora", "training.epochs", "training.max_steps",
                "training.batch_size", "training.grad_accum", "training.learning_rate", "training.lr_scheduler",
                "training.warmup_steps", "training.weight_decay", "training.max_length", "training.grad_clip",
-               "training.seed", "training.dtype", "training.packing", "training.distributed")
+               "training.seed", "training.dtype", "training.packing", "training.packing_unit", "training.distributed")
 
 
 def _lookup(d: dict, dotted: str):
@@ -650,6 +659,7 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
         return done
 
     base_cfg, findings = preflight_base(cfg, log=say)
+    speed = resolve_speed_settings(cfg.training, speed.device, model_config=base_cfg)   # sized by the model
     # load as k-bit only for a base stored quantized; weights that merely went through 4-bit are plain bf16
     quantized = any(f.code != "quantized-weights" for f in red_findings(findings))
 
@@ -694,12 +704,10 @@ def run_training(cfg: RunConfig, *, resume: bool = False, log: Callable[[str], A
     model = load_base_model(cfg, speed, quantized=quantized)
     trainer = build_trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=data.train_dataset, speed=speed,
                             eval_dataset=data.eval_dataset, log=say, strategy=strategy, prior_wall_s=prior_wall)
-    a = trainer.args
     say(f"train: base {cfg.base_model} ({speed.dtype} on {speed.device}, {state.num_processes} process(es)); "
-        f"global batch {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{state.num_processes} = "
-        f"{a.per_device_train_batch_size * a.gradient_accumulation_steps * state.num_processes}"
-        f"{' packs' if speed.packing else ' rows'}; packing {'on' if speed.packing else 'off'}, "
-        f"attention {speed.attn_implementation}" + (f", {strategy.upper()}" if strategy != "single" else ""))
+        f"packing {'on' if trainer.cogumi_batch_plan.packing else 'off'}, attention {speed.attn_implementation}"
+        + (f", {strategy.upper()}" if strategy != "single" else ""))
+    say(f"train: batches: {trainer.cogumi_batch_plan.describe()}")
     monitor = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "Monitor")
     t0 = time.time()
     if resume_from is not None and checkpoint_is_final(resume_from):
