@@ -265,33 +265,10 @@ def make_run_config(args, smoke: bool, overrides: list[str] | None = None):
 
 
 def build_b_trainer(cfg, model, tokenizer, dataset, speed):
-    """cogumi.train.build_trainer (the real thing); a stand-in with the same settings only when that
-    function does not exist yet, reported as such in the results."""
-    try:
-        from cogumi.train import build_trainer
-    except ImportError as e:
-        log(f"WARNING: cogumi.train.build_trainer is not available ({e}): B uses this script's reproduction "
-            "of cogumi's defaults")
-        return fallback_build_trainer(cfg, model, tokenizer, dataset, speed), "reproduction"
+    """cogumi.train.build_trainer: the trainer, batch plan included, exactly as `cogumi train` builds it."""
+    from cogumi.train import build_trainer
     return build_trainer(cfg, model=model, tokenizer=tokenizer, train_dataset=dataset, speed=speed), \
         "cogumi.train.build_trainer"
-
-
-def fallback_build_trainer(cfg, model, tokenizer, dataset, speed):
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-    from cogumi.speed import trainer_speed_kwargs
-    t, lo = cfg.training, cfg.lora
-    args = SFTConfig(
-        output_dir=cfg.output_dir, max_steps=t.max_steps, num_train_epochs=t.epochs, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-        max_grad_norm=t.grad_clip, max_length=t.max_length, logging_steps=t.logging_steps, save_strategy="no",
-        report_to=[], seed=t.seed, completion_only_loss=True, use_cpu=speed.device == "cpu",
-        **trainer_speed_kwargs(speed, t))
-    peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                             use_rslora=lo.use_rslora, bias="none", task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                      peft_config=peft_config)
 
 
 def prepare_b_model(model, speed):
@@ -308,7 +285,7 @@ def prepare_b_model(model, speed):
 
 def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, overrides: list[str] | None = None,
                  speed_overrides: dict | None = None, name: str = "B") -> tuple[dict, object]:
-    from cogumi.speed import batch_plan, resolve_speed_settings
+    from cogumi.speed import resolve_speed_settings
     cfg = make_run_config(args, smoke, overrides)
     profile = bool(getattr(args, "profile", None)) and name == "B"
     if profile:
@@ -329,9 +306,11 @@ def run_cogumi_b(model, tokenizer, dataset, args, device: str, smoke: bool, over
         trainer.add_callback(profile_last_step(cfg.training.max_steps, device, args.profile))
     reset_peak(device)
     trainer.train()
-    per_device, accum = batch_plan(speed, cfg.training)
-    result = {"variant": name, "built_by": built_by, "speed": speed.to_dict(), "applied": applied, "per_device_batch": per_device,
-              "grad_accum": accum, "overrides": (overrides or []) + [f"speed.{k}={v}" for k, v in (speed_overrides or {}).items()],
+    plan = trainer.cogumi_batch_plan
+    log(f"{name} batches: {plan.describe()}")
+    result = {"variant": name, "built_by": built_by, "speed": speed.to_dict(), "applied": applied,
+              "per_device_batch": plan.per_device, "grad_accum": plan.grad_accum, "batch_plan": plan.to_dict(),
+              "overrides": (overrides or []) + [f"speed.{k}={v}" for k, v in (speed_overrides or {}).items()],
               **meter.summary(args.warmup, drop_last=profile),
               "peak_gib": peak_gib(device),
               "logged": [{k: v for k, v in h.items() if k in ("step", "loss", "gpu_mem_allocated_gb",
