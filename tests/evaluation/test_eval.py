@@ -481,3 +481,43 @@ def test_reference_can_be_an_earlier_eval_run(gsm, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{**p, "truncated": "yes"} for p in preds])
     with pytest.raises(DataError, match=r"bad.jsonl: row 1: 'truncated' must be true, false or null"):
         run_eval(str(bad), tasks=["gsm8k"], out=tmp_path / "y", data={"gsm8k": str(gsm)})
+
+
+# ---------------------------------------------------------------------------------------------
+# a real model: SmolLM2-135M-Instruct (ChatML template, 49K-token byte-level BPE)
+# ---------------------------------------------------------------------------------------------
+
+def test_smollm2_training_prompt_every_row_carries_truncated(smollm2, shared_benchmarks, tmp_path):
+    """8 new tokens never finish a GSM8K solution: each answer is cut at the limit, and says so."""
+    out = tmp_path / "run"
+    data = shared_benchmarks / "gsm8k" / "test.jsonl"
+    summary = run_eval(str(smollm2), tasks=["gsm8k"], out=out, n=2, data={"gsm8k": str(data)}, prompt="training",
+                       max_new_tokens=8, log=lambda m: None)
+    rows = rows_of(out)
+    assert [r["prompt"] for r in rows] == [it.data["question"] for it in load_task("gsm8k", str(data), n=2)]
+    assert all((r["finish_reason"], r["truncated"]) == ("length", True) and r["completion"] for r in rows)
+    assert summary["tasks"]["gsm8k"]["truncated_rate"] == 1.0
+    assert summary["prompt"]["name"] == "training"
+
+
+@pytest.mark.slow
+def test_smollm2_stops_on_a_real_vocabulary_and_both_prompts_run(smollm2, shared_benchmarks, tmp_path):
+    """A stop word of the model's own answer ends generation there, whichever tokens spell it (leading-space
+    BPE tokens included); `chat` and `training` prompts both run and record their truncation."""
+    data = {"gsm8k": str(shared_benchmarks / "gsm8k" / "test.jsonl")}
+    kwargs = dict(tasks=["gsm8k"], n=3, seed=1, data=data, max_new_tokens=48, log=lambda m: None)
+    runs = {p: (run_eval(str(smollm2), out=tmp_path / p, prompt=p, **kwargs), rows_of(tmp_path / p))
+            for p in ("chat", "training")}
+    for name, (summary, rows) in runs.items():
+        assert all(isinstance(r["truncated"], bool) for r in rows)
+        assert summary["tasks"]["gsm8k"]["truncated_rate"] == sum(r["truncated"] for r in rows) / 3
+    rows = runs["training"][1]
+    words = [w for w in rows[0]["completion"].split() if w.isalpha() and len(w) > 3]
+    stop = " " + words[len(words) // 2]                  # a word with its leading space: one BPE token or more
+    custom = tmp_path / "stop.yaml"
+    custom.write_text(f"include: training\ntasks:\n  gsm8k:\n    template: '{{{{ question }}}}'\n"
+                      f"    stop: {json.dumps([stop])}\n")
+    run_eval(str(smollm2), out=tmp_path / "stopped", prompt=str(custom), **kwargs)
+    first = rows_of(tmp_path / "stopped")[0]
+    assert first["completion"] == rows[0]["completion"][:rows[0]["completion"].find(stop)]
+    assert (first["finish_reason"], first["truncated"]) == ("stop", False)
