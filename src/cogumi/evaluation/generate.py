@@ -132,7 +132,8 @@ def generate(model, tokenizer, conversations: list[list[dict]], *, max_new_token
     fast = (device.type == "cuda") if static_cache == "auto" else bool(static_cache)
     batch_size = max(1, min(batch_size, len(prompts)))
     width = _round_up(max(len(p) for p in prompts), PROMPT_WIDTH_MULTIPLE)   # one shape for every batch
-    eos = set(_eos_ids(model)) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+    # what decoding stops on (the generation config's end-of-sequence ids); text after it is not the answer
+    eos = set(_eos_ids(model)) or ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     out: list[Generation | None] = [None] * len(prompts)
     for stops, group in _stop_groups(stop, len(prompts)).items():
         criteria = _stop_criteria(tokenizer, stops) if stops else None

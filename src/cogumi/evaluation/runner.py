@@ -83,8 +83,10 @@ class Completions:
         for text, reason, was, stop in zip(self.texts, finish, known, stops):
             cut, stopped = finish_mod.trim_at_stop(text, stop)
             texts.append(cut)
-            truncated.append(None if text is None else was if was is not None
-                             else finish_mod.is_truncated(reason, stopped))
+            if text is None or was is not None:   # no answer, or a side that knew already
+                truncated.append(was if text is not None else None)
+            else:
+                truncated.append(finish_mod.is_truncated(reason, stopped))
         return Completions(texts, self.errors, list(finish), truncated)
 
 
