@@ -240,6 +240,10 @@ def test_bad_inputs_are_clear_errors(gsm, tmp_path, capsys):
     assert main(["eval", "no/such/model/dir", "--tasks", "gsm8k", "--data", f"gsm8k={gsm}",
                  "--out", str(tmp_path / "o6")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    assert main(["eval", str(ref), "--tasks", "gsm8k", "--data", f"gsm8k={gsm}", "--prompt", "chatty",
+                 "--out", str(tmp_path / "o7")]) == 2
+    assert "--prompt chatty: not a built-in prompt set (chat, default, training)" in capsys.readouterr().err
+    assert not (tmp_path / "o7").exists()
 
 
 # ---------------------------------------------------------------------------------------------
