@@ -399,6 +399,7 @@ def test_training_prompt_truncation_and_a_custom_stop_on_the_tiny_model(tiny_bas
         assert r["repetition"] == finish.repetition(r["completion"])
     t = summary["tasks"]["gsm8k"]
     assert t["truncated"] == sum(r["truncated"] for r in rows) and t["truncated_rate"] == t["truncated"] / 4
+    assert t["truncation_known"] == 4 and t["reference_truncated_rate"] is None
     assert t["repetition_mean"] == pytest.approx(sum(r["repetition"] for r in rows) / 4)
     assert summary["prompt"] == training.record()
     assert summary["stop_sequences"]["gsm8k"] == list(training.stops("gsm8k"))
@@ -470,6 +471,7 @@ def test_reference_can_be_an_earlier_eval_run(gsm, tmp_path):
         assert r["truncated"] is None                                    # plain predictions: unknown
     t = summary["tasks"]["gsm8k"]
     assert (t["reference_truncated_rate"], t["truncated_rate"]) == (10 / 30, None)
+    assert (t["reference_truncated"], t["reference_truncation_known"], t["truncation_known"]) == (10, 30, 0)
     assert summary["reference_info"]["eval_run"] == str(earlier)
     assert summary["reference_info"]["prompt"] == first["prompt"]
     assert not any("different prompt" in m for m in logs)

@@ -15,8 +15,8 @@ Features:
   * Truncation and looping are recorded per row: ``finish_reason`` (local ``eos``/``stop``/``length``,
     an endpoint's own), ``truncated`` (hit ``max_new_tokens`` with no stop; ``null`` when unknown, as for
     predictions files) and ``repetition`` (``finish.repetition``: share of repeated word 4-grams); the
-    summary has per task ``truncated_rate``, ``repetition_mean`` and the reference's
-    ``reference_truncated_rate`` / ``reference_repetition_mean``.
+    summary has per task ``truncated`` (count), ``truncation_known`` (answers whose truncation is known),
+    ``truncated_rate``, ``repetition_mean``, and the same prefixed ``reference_`` for the reference.
   * Every generated answer goes to ``OUT/cache/generations.jsonl`` and every judgment to
     ``OUT/cache/judgments.jsonl`` as soon as it exists, keyed by content (model identity -- a weights
     fingerprint for local models -- plus the prompt and generation settings). A run killed at any
@@ -629,12 +629,14 @@ def _ci(k: int, n: int):
     return list(wilson_interval(k, n)) if n else None
 
 
-def _finish_stats(sides: list[dict]) -> tuple[int, float | None, float | None]:
-    """(truncated count, truncated_rate over the sides whose truncation is known, mean repetition)."""
+def _finish_stats(sides: list[dict]) -> dict:
+    """Truncated count, how many answers' truncation is known, the rate over those, mean repetition."""
     known = [s["truncated"] for s in sides if s.get("truncated") is not None]
     reps = [s["repetition"] for s in sides if s.get("repetition") is not None]
     truncated = sum(1 for t in known if t)
-    return truncated, (truncated / len(known) if known else None), (sum(reps) / len(reps) if reps else None)
+    return {"truncated": truncated, "truncation_known": len(known),
+            "truncated_rate": truncated / len(known) if known else None,
+            "repetition_mean": sum(reps) / len(reps) if reps else None}
 
 
 def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
@@ -656,8 +658,9 @@ def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
         # With a reference: items left without a verdict; without one: candidate answers left unchecked.
         infra = sum(1 for r in with_ref if r["outcome"] is None) if with_ref else len(rs) - checked
         rate = lambda k: (k / judged) if judged else None  # noqa: E731
-        truncated, truncated_rate, repetition_mean = _finish_stats(rs)
-        _, ref_truncated_rate, ref_repetition_mean = _finish_stats([r["reference"] for r in with_ref])
+        finish = _finish_stats(rs)
+        ref_finish = {f"reference_{k}": (v if with_ref else None)
+                      for k, v in _finish_stats([r["reference"] for r in with_ref]).items()}
         tasks[task] = {
             "n": len(rs), "correct": correct, "checked": checked,
             "wins": wins, "ties": ties,
@@ -670,9 +673,7 @@ def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
             "accuracy": correct / checked if checked else None, "accuracy_ci": _ci(correct, checked),
             "reference_correct": ref_correct if with_ref else None,
             "reference_accuracy": ref_correct / ref_checked if ref_checked else None,
-            "truncated": truncated, "truncated_rate": truncated_rate, "repetition_mean": repetition_mean,
-            "reference_truncated_rate": ref_truncated_rate if with_ref else None,
-            "reference_repetition_mean": ref_repetition_mean if with_ref else None,
+            **finish, **ref_finish,
         }
     return {"tasks": tasks}
 
