@@ -507,9 +507,11 @@ def test_smollm2_training_prompt_every_row_carries_truncated(smollm2, shared_ben
 
 
 @pytest.mark.slow
-def test_smollm2_stops_on_a_real_vocabulary_and_both_prompts_run(smollm2, shared_benchmarks, tmp_path):
+def test_smollm2_stops_on_a_real_vocabulary_and_both_prompts_run(smollm2, shared_benchmarks, tmp_path, request):
     """A stop word of the model's own answer ends generation there, whichever tokens spell it (leading-space
     BPE tokens included); `chat` and `training` prompts both run and record their truncation."""
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("three SmolLM2 evals: run with -m slow")
     data = {"gsm8k": str(shared_benchmarks / "gsm8k" / "test.jsonl")}
     kwargs = dict(tasks=["gsm8k"], n=3, seed=1, data=data, max_new_tokens=48, log=lambda m: None)
     runs = {p: (run_eval(str(smollm2), out=tmp_path / p, prompt=p, **kwargs), rows_of(tmp_path / p))
