@@ -64,7 +64,7 @@ class Plan:
     def __init__(self, server: FakeOpenAIServer, fault_rate: float, salt: str):
         self.server, self.fault_rate, self.salt = server, fault_rate, salt
         self.attempts: Counter = Counter()
-        self.asked: dict[tuple, tuple[list, int]] = {}       # (model, server key) -> (messages, max_tokens)
+        self.asked: dict[tuple, tuple] = {}    # (model, server key) -> (messages, max_tokens, stop sequences)
         self.injected: Counter = Counter()                    # fault kind -> count
         self.faults_by_invocation: Counter = Counter()
         self.invocation = 0
@@ -83,7 +83,8 @@ class Plan:
     def _model(self, name, fn):
         def respond(messages, body):
             with self.lock:
-                self.asked[(name, messages_key(messages))] = (messages, int(body.get("max_tokens") or 0))
+                self.asked[(name, messages_key(messages))] = (messages, int(body.get("max_tokens") or 0),
+                                                              body.get("stop"))
             return fn(messages, body)
         return respond
 
@@ -145,9 +146,13 @@ def cached_keys(out: Path) -> set[str]:
 
 def client_cache_key(plan: Plan, prompt: tuple) -> str:
     model = prompt[0]
-    messages, max_tokens = plan.asked[prompt]
-    return cache_key(f"openai:{model}", messages,
-                     {"max_tokens": max_tokens, "temperature": 0.0, "kind": "judge" if model == "judge" else "generate"})
+    messages, max_tokens, stop = plan.asked[prompt]
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "kind": "judge" if model == "judge" else "generate"}
+    if stop:  # the API takes 4 stop sequences; the client's key holds its task's whole list
+        from cogumi.evaluation.finish import task_stops
+        params["stop"] = next(list(task_stops(t)) for t in ("gsm8k", "mbpp", "humaneval")
+                              if list(task_stops(t))[:len(stop)] == list(stop))
+    return cache_key(f"openai:{model}", messages, params)
 
 
 def lost_in_flight(plan: Plan, out: Path, records) -> set[str]:
