@@ -672,6 +672,7 @@ def summarize(rows: list[dict], task_names: list[str] | None = None) -> dict:
             "win_ci": _ci(wins, judged), "tie_ci": _ci(ties, judged), "loss_ci": _ci(losses, judged),
             "accuracy": correct / checked if checked else None, "accuracy_ci": _ci(correct, checked),
             "reference_correct": ref_correct if with_ref else None,
+            "reference_checked": ref_checked if with_ref else None,
             "reference_accuracy": ref_correct / ref_checked if ref_checked else None,
             **finish, **ref_finish,
         }
