@@ -86,7 +86,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert man["world_size"] == 2 and man["global_batch_size"] == man1["global_batch_size"] == 8
     assert man["tokens_seen"] == man1["tokens_seen"]
     assert proc.stdout.count("data: 48 rows read") == 1                   # data read and reported once
-    assert "2 process(es)); global batch 2x2x2 = 8 rows" in proc.stdout
+    assert "2 process(es)); " in proc.stdout
+    assert "2 rows x 2 accumulation x 2 process(es) per step; 8.0 rows per step on average (recipe 8)" in proc.stdout
     assert not (ddp / ".prepared").exists()                                # the shared cache is cleaned up
 
 
