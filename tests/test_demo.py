@@ -1,6 +1,7 @@
 """End to end on the tiny model: the demo, the Phase 1B set's guarantees, and kill -9 + --resume.
 
-One full ``cogumi demo`` (the acceptance run: numbers move base -> 1A -> 1B, report and summary written),
+One full ``cogumi demo`` (the acceptance run: the story -- Phase 1A beats the base on every task, Phase 1B
+keeps or beats Phase 1A on every task and beats it overall, the gates pass -- report and summary written),
 then a quick version of the same plan (fewer steps and items, via --set) run uninterrupted and killed at
 seeded points (a stage start, a stage's end before its record, mid-training) and resumed: the adapters, merged
 models, eval results and the Phase 1B set must equal the uninterrupted run's.
@@ -36,7 +37,7 @@ def test_demo_end_to_end(tmp_path):
     p = cogumi("demo", "--out", demo_run)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     check_whole_plan(demo_run, p.stdout)
-    check_numbers_move(demo_run)
+    check_story(demo_run)
     check_phase1b_set(demo_run)
     # a second demo into the same dir is refused; --resume reuses every stage
     p = cogumi("demo", "--out", demo_run)
@@ -62,12 +63,19 @@ def check_whole_plan(demo_run: Path, printed: str) -> None:
     assert naive["verify"].startswith("RED FLAG")
 
 
-def check_numbers_move(demo_run: Path) -> None:
-    val = json.loads((demo_run / "summary.json").read_text())["results"]["validation"]
+def check_story(demo_run: Path) -> None:
+    """What the demo shows on every CPU (its answers are decided by wide margins, so the table is the same
+    under every kernel path -- docs/benchmarks.md; this test runs under ATEN_CPU_CAPABILITY=default, avx2 and the
+    native path in CI): the story, not the digits."""
+    summary = json.loads((demo_run / "summary.json").read_text())
+    val = summary["results"]["validation"]
     acc = {phase: {t: v["accuracy"] for t, v in tasks.items()} for phase, tasks in val.items()}
-    for task in ("gsm8k", "mbpp"):
-        assert acc["base"][task] < acc["1a"][task] < acc["1b"][task], (task, acc)
-    assert acc["base"]["humaneval"] < acc["1a"]["humaneval"], acc
+    assert set(acc["base"]) == set(acc["1a"]) == set(acc["1b"]) == {"gsm8k", "humaneval", "mbpp"}, acc
+    for task in acc["base"]:
+        assert acc["base"][task] < acc["1a"][task] <= acc["1b"][task], (task, acc)
+    assert sum(acc["1b"].values()) > sum(acc["1a"].values()), acc
+    gates = summary["results"]["gates"]
+    assert gates and all(g["passed"] for g in gates.values()), gates
     compare = json.loads((demo_run / "stages/16-compare-1a-1b/compare.json").read_text())
     assert compare["overall"]["b_correct"] > compare["overall"]["a_correct"]
     assert compare["overall"]["p_value"] < 0.05

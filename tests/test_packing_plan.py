@@ -150,4 +150,4 @@ def test_accumulated_step_is_the_mean_over_all_its_tokens(tmp_path, tiny_base, t
     for got, want in zip(grads["trainer"], grads["token_mean"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
     differs = [not torch.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(grads["trainer"], grads["mean_of_means"])]
-    assert any(differs)                                                    # the control: the naive mean is another gradient
+    assert any(differs)                                       # the control: the naive mean is another gradient

@@ -92,7 +92,7 @@ class SpeedSettings:
     sync_free_metrics: bool = True          # per-micro-batch metrics read at log time, not with .item() (cogumi.sft)
     async_copies: bool = False              # batches copied to the GPU from pinned memory without a host sync
     fixed_shapes: bool = False              # with packing: every micro-batch padded to the same token count
-    cpu_memory_limits: bool = False         # CPU: freed buffers returned to the OS, small LM-head tiles (limit_cpu_memory)
+    cpu_memory_limits: bool = False         # CPU: freed buffers to the OS, small LM-head tiles (limit_cpu_memory)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -160,8 +160,10 @@ def _tokenizer_corpus() -> list[str]:
     return corpus
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
-    """A byte-level BPE tokenizer with Llama 3's special tokens, trained offline on synthetic text."""
+def build_tiny_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer with Llama 3's special tokens, trained offline on synthetic text
+    (``corpus``: these texts instead of this module's tasks; with a vocabulary big enough every word of
+    them becomes one token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -174,7 +176,7 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=LLAMA3_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _tokenizer_corpus(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
@@ -186,18 +188,20 @@ def build_tiny_tokenizer(vocab_size: int = 512):
 
 def build_tiny_base(out_dir: str | Path, *, seed: int = 0, dtype: str = "bfloat16", hidden_size: int = 64,
                     num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
-                    max_shard_size: str | None = None, name: str = "cogumi-tiny-llama") -> Path:
+                    max_shard_size: str | None = None, name: str = "cogumi-tiny-llama",
+                    corpus: list[str] | None = None, vocab_size: int = 4096) -> Path:
     """Write a tiny Llama checkpoint + tokenizer to ``out_dir`` (created) and return its path.
 
     ``max_shard_size`` (e.g. ``"100KB"``) forces several safetensors shards with an index, like a real
-    8B checkpoint. Deterministic for a given seed.
+    8B checkpoint. ``corpus``: train the tokenizer on these texts (up to ``vocab_size`` tokens) instead of
+    this module's synthetic tasks. Deterministic for a given seed and corpus.
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tiny_tokenizer()
+    tok = build_tiny_tokenizer(vocab_size, corpus) if corpus is not None else build_tiny_tokenizer()
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
