@@ -46,6 +46,16 @@ def test_packed_epoch_takes_the_recipes_steps(budget, batch, accum, lo, hi, proc
     assert plan.rows_per_step == pytest.approx(batch * accum * processes, rel=0.03)
 
 
+def test_packs_hold_the_longest_evaluation_row_too():
+    s, t = _packed(4096, batch_size=8, grad_accum=4, max_length=2048)
+    lengths = _lengths(600, 60, 300)
+    plain = plan_batches(s, t, lengths)
+    assert plain.pack_length < 2900
+    held = plan_batches(s, t, lengths, min_pack_length=2900)
+    assert held.packing and held.pack_length >= 2900
+    assert held.steps_per_epoch == plain.steps_per_epoch == held.recipe_steps_per_epoch
+
+
 def test_packs_unit_is_an_explicit_opt_in_with_fewer_steps():
     lengths = _lengths(2000, 60, 500)
     s, t = _packed(4096, batch_size=8, grad_accum=4, max_length=2048, packing_unit="packs")

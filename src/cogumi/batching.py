@@ -115,8 +115,10 @@ def dataset_lengths(dataset, column: str = "input_ids") -> list[int]:
 
 
 def plan_batches(settings, training, lengths, *, processes: int = 1, total_rows: int | None = None,
-                 seed: int = 0) -> BatchPlan:
-    """The batch plan for rows of these token ``lengths`` (all rows, or a sample of ``total_rows``)."""
+                 seed: int = 0, min_pack_length: int = 0) -> BatchPlan:
+    """The batch plan for rows of these token ``lengths`` (all rows, or a sample of ``total_rows``).
+    ``min_pack_length``: packs at least this long (the longest evaluation row: TRL packs those to the same
+    length, and a row longer than its pack would be cut)."""
     lengths = [int(n) for n in lengths]
     if not lengths:
         raise ValueError("no training rows to plan batches for")
@@ -150,7 +152,8 @@ def plan_batches(settings, training, lengths, *, processes: int = 1, total_rows:
         return BatchPlan(packing=True, unit="packs", per_device=per_device, grad_accum=accum,
                          pack_length=training.max_length, micro_batch_tokens=per_device * training.max_length,
                          sequences=sequences, steps_per_epoch=steps, rows_per_step=rows / steps, **common)
-    plan = _plan_rows_unit(lengths, packs, budget, recipe, common, tokens=sum(lengths) * scale)
+    plan = _plan_rows_unit(lengths, packs, budget, recipe, common, tokens=sum(lengths) * scale,
+                           shortest=max(max(lengths), min_pack_length))
     if plan.steps_per_epoch < (1 - STEPS_TOLERANCE) * recipe:
         unpacked.note = (f"packing off: a step of the recipe ({bs * ga} rows of {sum(lengths) / len(lengths):.0f} "
                          f"tokens on average) holds fewer tokens than the longest row ({max(lengths)}), so packs would "
@@ -186,11 +189,11 @@ def _round_up(n: int, step: int = LENGTH_STEP) -> int:
 
 
 def _plan_rows_unit(lengths: list[int], packs, budget: int, recipe: int, common: dict, *,
-                    tokens: float) -> BatchPlan:
+                    tokens: float, shortest: int) -> BatchPlan:
     """One pack per micro-batch; the fewest micro-batches per step that fit in the token budget; the shortest
-    pack length (>= the longest row) whose packs make no more than the recipe's steps."""
+    pack length (>= ``shortest``, the longest row) whose packs make no more than the recipe's steps."""
     processes = common["processes"]
-    shortest = _round_up(max(lengths))
+    shortest = _round_up(shortest)
     longest = max(budget // LENGTH_STEP * LENGTH_STEP, shortest)
     accum = max(1, math.ceil(packs(longest) / (recipe * processes)))
     target = recipe * accum * processes             # packs per epoch that make exactly `recipe` steps

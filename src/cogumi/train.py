@@ -351,8 +351,9 @@ def build_trainer(cfg: RunConfig, *, model, tokenizer, train_dataset, speed, eva
     processes = PartialState().num_processes
     if strategy is None:
         strategy = distributed_strategy(cfg, speed, model.config.to_dict(), processes)
+    eval_longest = max(dataset_lengths(eval_dataset), default=0) if eval_dataset is not None else 0
     plan = plan_batches(speed, cfg.training, dataset_lengths(train_dataset), processes=processes,
-                        seed=cfg.training.seed)
+                        seed=cfg.training.seed, min_pack_length=eval_longest)
     args = sft_config(cfg, speed, plan, output_dir=out / "checkpoints", strategy=strategy)
     from cogumi.data import PARALLEL_ROWS
     if len(train_dataset) > PARALLEL_ROWS:          # TRL's label building / packing maps, on big sets
