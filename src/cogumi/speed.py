@@ -63,7 +63,6 @@ CPU_ACTIVATIONS_GIB = 1.0
 # ~10 full-size temporaries: 4096 x 32768 fp32 tiles cost ~2 GB of peak memory on a CPU; these sizes ~0.15 GB.
 CPU_LOGPROB_TILE_TOKENS = 1024
 CPU_LOGPROB_TILE_VOCAB = 4096
-M_MMAP_THRESHOLD = -3                      # glibc mallopt parameter
 
 # `cogumi train`'s defaults on one H100 80GB, Llama-3.1-8B shape (8.03B parameters), LoRA r=64 on the 7
 # projections, the benchmark's length profile (docs/benchmarks.md, 2026-11-25 final run: 13,182 real
@@ -311,13 +310,8 @@ def limit_cpu_memory() -> list[str]:
       each tile is folded by torch ops with ~10 tile-sized temporaries. Same arithmetic (an online
       log-sum-exp over tiles), smaller working set. Module-level sizes of TRL's kernel, read at call time;
       when a TRL version renames them nothing is patched (the result says so)."""
-    applied = []
-    try:
-        import ctypes
-        if ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1:
-            applied.append("cpu:mmap-threshold-1MiB")
-    except (OSError, AttributeError):
-        pass
+    from cogumi.memory import return_freed_buffers_to_the_os
+    applied = ["cpu:mmap-threshold-1MiB"] if return_freed_buffers_to_the_os() else []
     try:
         import trl.kernels.chunked_logprob as kernel
         import trl.trainer.utils as trl_utils

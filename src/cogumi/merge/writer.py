@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from cogumi.errors import CogumiError
 from cogumi.lineage import FLOAT_DTYPES, all_finite, human_bytes
+from cogumi.memory import return_freed_buffers_to_the_os
 from cogumi.merge.adapter import AdaptedWeights, _nonfinite_error
 from cogumi.merge.weights import _st_tag, _torch_dtype
 
@@ -35,7 +36,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 INFLIGHT_BYTES = 512 * 2**20          # read-ahead + write-behind budget of the streaming merge (all shards)
 MAX_MERGE_JOBS = 4                     # output shards merged at once, at most one per core (an 8B model has 4;
                                        # 2 cores, 3 GB in 3 shards: 2 at once cut the merge from 11.7 s to 7.4 s)
-M_MMAP_THRESHOLD = -3                  # glibc mallopt parameter
 
 
 @dataclass
@@ -188,21 +188,6 @@ def merge_jobs(n_shards: int) -> int:
     return max(1, min(jobs, n_shards))
 
 
-def _return_freed_buffers_to_the_os() -> None:
-    """Serve every allocation of 1 MiB or more with its own mapping, returned to the OS when freed.
-
-    glibc raises its mmap threshold after the first large free, so later tensor buffers come from
-    per-thread arenas that keep freed memory: with several reader threads that is +0.45 GB of peak RSS
-    (3 GB merge, 3 shards at once), none of it in use. A fixed threshold (one ``mallopt`` call; glibc
-    only, a no-op elsewhere) keeps peak memory to the buffers alive, at no measured cost in speed."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 @contextlib.contextmanager
 def _intra_op_threads(jobs: int):
     """Split torch's intra-op threads between ``jobs`` concurrent merging threads (no oversubscription)."""
@@ -328,7 +313,7 @@ def write_merged_shards(weights: AdaptedWeights, shards: list[OutShard], out_dir
     """
     import concurrent.futures as cf
     jobs = merge_jobs(len(shards)) if jobs is None else max(1, min(jobs, len(shards)))
-    _return_freed_buffers_to_the_os()
+    return_freed_buffers_to_the_os()
     kill_after = int(os.environ.get("COGUMI_TEST_KILL_AFTER_SHARDS", "0") or 0)
     budget = _ByteBudget(inflight_bytes)
     chunk_bytes = max(1 << 20, inflight_bytes // (8 * jobs))
