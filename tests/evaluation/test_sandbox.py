@@ -184,7 +184,10 @@ def test_escapes_contained_by_each_part_alone(arena, policy):
     jobs = [CodeJob(arena.program(text), "\n".join(TESTS), "import math") for text in progs.values()]
     results = run_many(jobs, timeout=TIMEOUT, workers=4, policy=policy, limits=Limits(memory_mb=1024))
     for name, res in zip(progs, results):
-        assert res.status in ("failed", "timeout"), f"{name}: {res.status} {res.detail}"
+        # without seccomp a program may stop its own zygote (same uid inside the jail): its slot is replaced
+        # and the item is an infrastructure error -- never a pass, and nothing outside is touched
+        allowed = ("failed", "timeout") if policy.seccomp else ("failed", "timeout", "infra_error")
+        assert res.status in allowed, f"{name}: {res.status} {res.detail}"
         if policy.seccomp:  # without seccomp a step may succeed inside the jail (a shell there): harmless
             assert "ESCAPED" not in res.detail, f"{name} escaped: {res.detail}"
         assert arena.secret not in res.detail, f"{name} read the secret"
