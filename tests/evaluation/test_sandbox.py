@@ -482,3 +482,20 @@ def test_items_with_long_sleeps_run_in_parallel():
     results = run_many([CodeJob("import time\ntime.sleep(1)\nx = 1", "assert x == 1")] * 4, timeout=10, workers=4)
     assert all(r.passed for r in results)
     assert time.monotonic() - start < 3.5
+
+
+@linux_only
+def test_a_jail_that_cannot_start_falls_back_and_says_so(monkeypatch):
+    from cogumi.evaluation.sandbox import jail
+    real = jail.build_launch
+
+    def broken_bwrap(slot, *, launcher="auto", **kw):
+        launch = real(slot, launcher=launcher, **kw)
+        if launch.launcher == "bwrap":  # as in a container that refuses user namespaces
+            return jail.Launch(["/bin/false"], launch.env, "bwrap", launch.staging)
+        return launch
+
+    monkeypatch.setattr(jail, "build_launch", broken_bwrap)
+    res = run_python("def f(x): return x", "assert f(1) == 1", timeout=10)
+    assert res.passed, res.detail
+    assert res.jail.launcher in ("unshare", "none") and "userns" in res.jail.missing

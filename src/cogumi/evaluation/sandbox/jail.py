@@ -86,6 +86,7 @@ def python_install() -> tuple[str, str]:
 
 
 def available_launcher(preferred: str = "auto") -> str:
+    """``preferred`` if its tool is installed, else the next weaker one (bwrap > unshare > none)."""
     if preferred in ("bwrap", "auto") and shutil.which("bwrap"):
         return "bwrap"
     if preferred in ("unshare", "auto", "bwrap") and shutil.which("unshare") and sys.platform == "linux":

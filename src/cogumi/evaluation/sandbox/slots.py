@@ -158,11 +158,25 @@ class ZygoteProcess:
             remove_tree(self.staging)
 
 
+FALLBACKS = {"auto": ("bwrap", "unshare", "none"), "bwrap": ("bwrap",), "unshare": ("unshare",), "none": ("none",)}
+
+
 def start_jail(slot: int, limits: Limits, policy: Policy) -> ZygoteProcess:
-    launch = jail.build_launch(slot, tmpfs_mb=limits.tmpfs_mb, nproc=limits.threads, launcher=policy.launcher)
-    proc = ZygoteProcess(launch.argv, launch.env, staging=launch.staging)
-    proc.launcher = launch.launcher
-    return proc
+    """The strongest jail that starts here: with ``launcher: auto``, bubblewrap, else util-linux unshare (a
+    container may refuse user namespaces), else none -- the item's layers report says what is missing."""
+    errors = []
+    for launcher in FALLBACKS.get(policy.launcher, (policy.launcher,)):
+        if jail.available_launcher(launcher) != launcher:
+            continue
+        launch = jail.build_launch(slot, tmpfs_mb=limits.tmpfs_mb, nproc=limits.threads, launcher=launcher)
+        try:
+            proc = ZygoteProcess(launch.argv, launch.env, staging=launch.staging)
+        except OSError as e:
+            errors.append(f"{launcher}: {e}")
+            continue
+        proc.launcher = launch.launcher
+        return proc
+    raise OSError("no jail could be started (" + "; ".join(errors or ["no launcher available"]) + ")")
 
 
 def start_harness() -> ZygoteProcess:
